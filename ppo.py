@@ -193,20 +193,27 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
 
 
 @torch.no_grad()
-def evaluate(policy_mean, env, steps: int, stop_return: float) -> dict:
-    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3)."""
+def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False):
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
+    Returns the metrics and, with `record`, the trajectory (time first) for the model accuracies of SHAC++."""
     obs, best = reset(env)
     team_return = torch.zeros(env.num_envs, device=env.device)
     done = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    trajectory = dict(obs=[obs], actions=[], rewards=[], alive=[])
     for _ in range(steps):
-        obs, rewards, dones = step(env, policy_mean(obs).clamp(-1.0, 1.0))
+        action = policy_mean(obs).clamp(-1.0, 1.0)
+        obs, rewards, dones = step(env, action)
         team_return += rewards.sum(-1) * ~done  # nothing counts after an environment terminated
+        if record:
+            for k, v in zip(trajectory, (obs, action, rewards, ~done)):
+                trajectory[k].append(v)
         done |= dones
-    return dict(
+    metrics = dict(
         eval_return=team_return.mean().item(), max_return=best.mean().item(),
         normalized_return=(team_return.mean() / best.mean()).item(),
         solved_fraction=(team_return >= stop_return * best).float().mean().item(),
     )
+    return metrics, {k: torch.stack(v) for k, v in trajectory.items()} if record else None
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -354,7 +361,7 @@ if __name__ == "__main__":
 
         # ---- evaluation and early stopping (SPEC section 3)
         if episode % args.eval_every == 0 or episode == args.episodes:
-            last_eval = evaluate(policy.mean, eval_env, args.eval_steps, args.stop_return)
+            last_eval, _ = evaluate(policy.mean, eval_env, args.eval_steps, args.stop_return)
             eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - start, **last_eval))
             print(f"eval episode {episode}: return {last_eval['eval_return']:.3f} / {last_eval['max_return']:.3f} "
                   f"normalized {last_eval['normalized_return']:.3f} solved {last_eval['solved_fraction']:.3f}")

@@ -1,0 +1,523 @@
+# SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style single file
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+import vmas
+from vmas.scenarios.dispersion import Scenario as VmasDispersion
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the simulator"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, run everything (simulator included) on CUDA when it is available"""
+    scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "dispersion"
+    """the VMAS scenario (SPEC section 2)"""
+    n_agents: int = 1
+    """number of agents"""
+    arch: Literal["mlp", "transformer"] = "mlp"
+    """architecture of the policy and value networks"""
+    episodes: int = 20000
+    """number of training episodes (one episode = one rollout of num_steps in num_envs, then the updates)"""
+    num_envs: int = 512
+    """number of parallel training environments"""
+    num_steps: int = 32
+    """steps per rollout (the horizon h of the paper)"""
+    reset_every: int = 10
+    """reset all training environments every this many episodes"""
+    eval_every: int = 100
+    """evaluate every this many episodes (and at the end)"""
+    eval_envs: int = 512
+    """number of evaluation environments"""
+    eval_steps: int = 512
+    """steps per evaluation rollout"""
+    stop_fraction: float = 0.9
+    """early stop when this fraction of evaluation environments ..."""
+    stop_return: float = 0.9
+    """... reaches this fraction of its max_return"""
+    save_model: bool = False
+    """save the final networks to runs/<run_name>/final.pt"""
+    capture_video: bool = False
+    """render evaluation environment 0 to a GIF (comes with the checkpoint issue)"""
+    checkpoint: str = ""
+    """resume from this checkpoint (comes with the checkpoint issue)"""
+
+    # SHAC++ (SPEC section 5)
+    learning_rate: float = 1e-3
+    """Adam learning rate of every network"""
+    gamma: float = 0.99
+    """discount factor"""
+    lam: float = 0.95
+    """lambda of the TD(lambda) value targets"""
+    alpha: float = 1.0
+    """weight of the action-bound penalty (the paper's alpha)"""
+    policy_std: float = 1.0
+    """fixed standard deviation of the Gaussian policy"""
+    max_grad_norm: float = 1.0
+    """gradient norm clip of the policy step"""
+    world_every: int = 10
+    """train the world model every this many episodes (the paper's cool-down)"""
+    reward_every: int = 10
+    """train the reward model every this many episodes"""
+    value_every: int = 10
+    """train the value model every this many episodes"""
+    model_epochs: int = 10
+    """epochs over its cache each time a model trains"""
+    model_minibatch: int = 1000
+    """minibatch size of the world, reward and value training"""
+    world_cache: int = 30000
+    """capacity of the world cache (whole rollouts)"""
+    world_bins: int = 25
+    """bins of the world cache (key: team return of the rollout)"""
+    reward_cache: int = 30000
+    """capacity of the reward cache (transitions)"""
+    reward_bins: int = 9
+    """bins of the reward cache (key: team reward)"""
+    value_cache: int = 30000
+    """capacity of the value cache (states and targets)"""
+    value_bins: int = 9
+    """bins of the value cache (key: team value target)"""
+    world_tolerance: float = 0.05
+    """a predicted observation element counts as accurate within this absolute error"""
+    reward_tolerance: float = 0.1
+    """a predicted reward counts as accurate within this absolute error"""
+
+
+def parse_args() -> Args:
+    """tyro.cli, with a bad argument reported as one line on stderr (tyro draws a box) and checked ranges."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            args = tyro.cli(Args)
+    except SystemExit as e:
+        lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
+        sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
+    for name in ("n_agents", "num_envs", "num_steps", "eval_every", "eval_envs", "eval_steps", "reset_every"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.episodes < 0:
+        sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
+    return args
+
+
+# ---------------------------------------------------------------- environments (SPEC section 2)
+class Dispersion(VmasDispersion):
+    """VMAS dispersion with the agents evenly spaced on a circle of radius 0.05 (the paper's change:
+    stock VMAS starts every agent at the origin, which gives them identical observations)."""
+
+    def reset_world_at(self, env_index=None):
+        super().reset_world_at(env_index)
+        n = len(self.world.agents)
+        for i, agent in enumerate(self.world.agents):
+            angle = 2 * math.pi * i / n
+            pos = torch.tensor([0.05 * math.cos(angle), 0.05 * math.sin(angle)], device=self.world.device)
+            agent.set_pos(pos, batch_index=env_index)
+
+
+def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, grad_enabled: bool = False):
+    kwargs = {
+        "dispersion": dict(n_food=n_agents),
+        "transport": dict(package_mass=10),
+        "discovery": dict(agents_per_target=min(n_agents, 2), targets_respawn=False),
+        "sampling": dict(),
+    }[scenario]
+    env = vmas.make_env(
+        Dispersion() if scenario == "dispersion" else scenario, num_envs=num_envs, device=device,
+        continuous_actions=True, seed=seed, grad_enabled=grad_enabled, n_agents=n_agents, **kwargs,
+    )
+    env.scenario_name = scenario
+    return env
+
+
+def max_return(env) -> torch.Tensor:
+    """Best team return of each environment (or an upper bound), right after a reset (SPEC section 2)."""
+    s, n = env.scenario, env.n_agents
+    if env.scenario_name == "dispersion":  # each food pays 1 in total, shared among the agents on it
+        return torch.full((env.num_envs,), float(n), device=env.device)
+    if env.scenario_name == "transport":  # every agent receives 100 x the package's progress towards the goal
+        gap = torch.linalg.vector_norm(s.packages[0].state.pos - s.packages[0].goal.state.pos, dim=-1)
+        return s.shaping_factor * n * gap
+    if env.scenario_name == "discovery":  # each target pays 1 to each of the >= agents_per_target agents covering it
+        return torch.full((env.num_envs,), float(s.n_targets * s._agents_per_target), device=env.device)
+    # sampling: every agent receives the shared density of each cell once; VMAS normalises per environment
+    xs = torch.arange(-s.xdim, s.xdim, s.grid_spacing, device=env.device)
+    ys = torch.arange(-s.ydim, s.ydim, s.grid_spacing, device=env.device)
+    grid = torch.cartesian_prod(xs, ys).unsqueeze(1)  # (cells, 1, 2), broadcast over environments
+    density = sum(g.log_prob(grid).exp() for g in s.gaussians)  # (cells, envs)
+    return n * (density / s.max_pdf).sum(0)
+
+
+def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reset every environment; observations (envs, agents, obs) and max_return (envs,)."""
+    obs = torch.stack(env.reset(), dim=1)
+    return obs, max_return(env)
+
+
+def step(env, action: torch.Tensor):
+    """One step with actions (envs, agents, 2); observations, per-agent rewards (envs, agents), dones (envs,)."""
+    obs, rewards, dones, _ = env.step(list(action.unbind(1)))
+    return torch.stack(obs, dim=1), torch.stack(rewards, dim=1), dones
+
+
+# ---------------------------------------------------------------- networks (SPEC section 4)
+class MLP(nn.Module):
+    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        hidden = 32 * n_agents
+        self.n_agents, self.out_dim = n_agents, out_dim
+        self.inp = nn.Linear(n_agents * in_dim, hidden)
+        self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
+        self.out = nn.Linear(hidden, n_agents * out_dim)
+
+    def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
+        h = torch.relu(self.inp(x.flatten(-2)))
+        return self.out(h + self.block(h)).unflatten(-1, (self.n_agents, self.out_dim))
+
+
+class Transformer(nn.Module):
+    """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, d_model)
+        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d_model, out_dim)
+
+    def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
+        h = self.encoder(self.embed(x.flatten(0, -3)))
+        return self.head(h).unflatten(0, x.shape[:-2])
+
+
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
+    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
+
+
+@torch.no_grad()
+def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False):
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
+    Returns the metrics and, with `record`, the trajectory (time first) for the model accuracies of SHAC++."""
+    obs, best = reset(env)
+    team_return = torch.zeros(env.num_envs, device=env.device)
+    done = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    trajectory = dict(obs=[obs], actions=[], rewards=[], alive=[])
+    for _ in range(steps):
+        action = policy_mean(obs).clamp(-1.0, 1.0)
+        obs, rewards, dones = step(env, action)
+        team_return += rewards.sum(-1) * ~done  # nothing counts after an environment terminated
+        if record:
+            for k, v in zip(trajectory, (obs, action, rewards, ~done)):
+                trajectory[k].append(v)
+        done |= dones
+    metrics = dict(
+        eval_return=team_return.mean().item(), max_return=best.mean().item(),
+        normalized_return=(team_return.mean() / best.mean()).item(),
+        solved_fraction=(team_return >= stop_return * best).float().mean().item(),
+    )
+    return metrics, {k: torch.stack(v) for k, v in trajectory.items()} if record else None
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+class CSVLog:
+    """Appends rows to a CSV file; the columns are fixed by the first row."""
+
+    def __init__(self, path: str):
+        self.path, self.columns = path, None
+
+    def write(self, row: dict):
+        with open(self.path, "a") as f:
+            if self.columns is None:
+                self.columns = list(row)
+                f.write(",".join(self.columns) + "\n")
+            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns) + "\n")
+
+
+# ---------------------------------------------------------------- SHAC++ (SPEC sections 4 and 5)
+class WorldModel(nn.Module):
+    """Non-recursive action world model F(s_0, a_0..a_{T-1}) -> s_1..s_T, in one forward pass (paper section 3).
+    One token per (step, agent): step 0 holds the embedded s_0, step t >= 1 the embedded a_{t-1}."""
+
+    def __init__(self, n_agents: int, obs_dim: int, horizon: int, d_model: int = 64, ff: int = 128, layers: int = 3):
+        super().__init__()
+        self.embed_obs, self.embed_action = nn.Linear(obs_dim, d_model), nn.Linear(2, d_model)
+        self.step_embedding = nn.Parameter(torch.zeros(horizon + 1, 1, d_model))
+        nn.init.normal_(self.step_embedding, std=0.02)
+        self.norm = nn.LayerNorm(d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, obs_dim)
+        # token (t, i) sees its own agent's past (u, i), u <= t, and every agent at its own step (t, j):
+        # never a later step. Built once; True marks a blocked pair, as nn.MultiheadAttention expects.
+        step, agent = torch.arange(horizon + 1).repeat_interleave(n_agents), torch.arange(n_agents).repeat(horizon + 1)
+        visible = ((step[None] <= step[:, None]) & (agent[None] == agent[:, None])) | (step[None] == step[:, None])
+        self.register_buffer("mask", ~visible, persistent=False)
+
+    def forward(self, obs0, actions):  # (B, agents, obs), (B, T, agents, 2) -> (B, T, agents, obs)
+        tokens = torch.cat([self.embed_obs(obs0).unsqueeze(1), self.embed_action(actions)], 1)
+        tokens = self.norm(tokens + self.step_embedding)  # (B, T + 1, agents, d)
+        h = self.encoder(tokens.flatten(1, 2), mask=self.mask).unflatten(1, tokens.shape[1:3])
+        return self.head(h[:, 1:])
+
+
+class BinnedCache:
+    """Replay cache split into `bins` bins over the running range of a scalar key; each bin is a ring buffer of
+    capacity // bins items and batches are drawn uniformly from the filled slots (paper section 3, SPEC 5.5).
+    Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own."""
+
+    def __init__(self, capacity: int, bins: int, device):
+        self.bins, self.per_bin, self.device = bins, capacity // bins, device
+        self.data = {}  # name -> (bins, per_bin, ...) tensor, allocated by the first add
+        self.written = torch.zeros(bins, dtype=torch.long, device=device)  # items ever written, per bin
+        self.low = torch.tensor(math.inf, device=device)  # running key range, of this cache only
+        self.high = torch.tensor(-math.inf, device=device)
+
+    def bin_of(self, key):
+        width = (self.high - self.low).clamp(min=1e-8)
+        return ((key - self.low) / width * self.bins).long().clamp(0, self.bins - 1)
+
+    def add(self, key, **items):
+        self.low, self.high = torch.minimum(self.low, key.min()), torch.maximum(self.high, key.max())
+        for name, value in items.items():
+            if name not in self.data:
+                self.data[name] = torch.zeros(self.bins, self.per_bin, *value.shape[1:], dtype=value.dtype, device=self.device)
+        b = self.bin_of(key)
+        onehot = nn.functional.one_hot(b, self.bins)
+        rank = onehot.cumsum(0).gather(1, b[:, None]).squeeze(1) - 1  # order of arrival within its bin
+        count = onehot.sum(0)
+        keep = rank >= count[b] - self.per_bin  # a bin offered more than it holds keeps the newest
+        slot = (self.written[b] + rank) % self.per_bin  # ring buffer: the oldest item is replaced first
+        for name, value in items.items():
+            self.data[name][b[keep], slot[keep]] = value[keep]
+        self.written += count
+
+    def __len__(self):
+        return int(self.written.clamp(max=self.per_bin).sum())
+
+    def sample(self, batch_size: int) -> dict:
+        filled = self.written.clamp(max=self.per_bin)
+        end = filled.cumsum(0)
+        u = (torch.rand(batch_size, device=self.device) * end[-1]).long()  # uniform over filled slots
+        b = torch.searchsorted(end, u, right=True)
+        slot = u - (end[b] - filled[b])
+        return {name: value[b, slot] for name, value in self.data.items()}
+
+
+def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
+    """Truncated TD(lambda) targets of the paper (section 2.3), by the recursion
+    G_t = r_t + gamma (1 - d_t) ((1 - lam) V(s_{t+1}) + lam G_{t+1}), with G_T = V(s_T) (bootstrap at the window end).
+    rewards, next_values (= V(s_{t+1})), terminated: (T, ...), time first."""
+    targets = torch.zeros_like(rewards)
+    g = next_values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        g = rewards[t] + gamma * (~terminated[t]) * ((1 - lam) * next_values[t] + lam * g)
+        targets[t] = g
+    return targets
+
+
+def action_penalty(mean, low: float = -1.0, high: float = 1.0):
+    """d(mu, [low, high]) of the paper's section 3, element-wise: squared distance outside the bounds, 0 inside."""
+    return (mean - high).clamp(min=0) ** 2 + (low - mean).clamp(min=0) ** 2
+
+
+def policy_update(policy, optimizer, world_model, reward_model, value_model, obs, actions, means, alive, terminated,
+                  args: Args):
+    """One SHAC step through the learned models (Algorithm 1, lines 7-10). Time first:
+    obs (T+1, N, n, o) of the simulator, actions (T, N, n, 2) attached to the policy's graph, means their
+    policy means, alive (T, N) not terminated before step t, terminated (T, N) terminated at step t."""
+    T, N, n = actions.shape[:3]
+    s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)  # s^_1..s^_T
+    s_hat = torch.cat([obs[:1], s_hat])  # s^_0 = s_0
+    r_hat = reward_model(torch.cat([s_hat[:-1], actions, s_hat[1:]], -1)).squeeze(-1)  # (T, N, n)
+    v_hat = value_model(s_hat[-1]).squeeze(-1)  # (N, n)
+    discount = args.gamma ** torch.arange(T, device=obs.device)
+    # sum_t gamma^t r^_t + gamma^T v^ (paper eq. of L_pi): no reward after a termination, bootstrap 0 if terminated
+    ret = (discount[:, None, None] * r_hat * alive[..., None]).sum(0)
+    ret = ret + args.gamma ** T * v_hat * ~terminated.any(0)[:, None]
+    live = alive[0].float()  # environments already done at the rollout start are left out
+    denominator = live.sum().clamp(min=1) * n * T
+    penalty = (action_penalty(means) * alive[..., None, None]).sum() / (denominator * 2)
+    imagined = (ret.sum(-1) * live).sum() / denominator
+    loss = -imagined + args.alpha * penalty
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=list(policy.parameters()))  # no gradient lands in the world, reward or value networks
+    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return dict(policy_loss=loss.detach(), imagined_return=imagined.detach(), penalty=penalty.detach(),
+                mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
+
+
+def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int):
+    """Train a model for `epochs` passes' worth of minibatches drawn from its cache (SPEC section 5.4)."""
+    for _ in range(epochs * math.ceil(len(cache) / minibatch)):
+        loss, accuracy = loss_and_accuracy(cache.sample(minibatch))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), accuracy.detach()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    seed_everything(args.seed, args.torch_deterministic)
+    env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed)
+    eval_env = make_env(args.scenario, args.n_agents, args.eval_envs, device, args.seed + 1)
+    obs_dim = env.observation_space[0].shape[0]
+    n, T, N = args.n_agents, args.num_steps, args.num_envs
+
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
+    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
+    reward_model = make_network(args.arch, n, 2 * obs_dim + 2, 1).to(device)  # R(s, a, s') per agent
+    world_model = WorldModel(n, obs_dim, T).to(device)  # F(s_0, a_0..a_{T-1})
+    policy_opt, value_opt, reward_opt, world_opt = (
+        torch.optim.Adam(m.parameters(), lr=args.learning_rate) for m in (policy, value_model, reward_model, world_model))
+    world_cache = BinnedCache(args.world_cache, args.world_bins, device)
+    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
+    value_cache = BinnedCache(args.value_cache, args.value_bins, device)
+
+    run_name = f"{args.scenario}__{n}__{args.arch}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    train_log, eval_log = CSVLog(os.path.join(run_dir, "train.csv")), CSVLog(os.path.join(run_dir, "eval.csv"))
+    print(f"run {run_name} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps")
+
+    def world_loss(batch):  # L_F: MSE of the predicted s_1..s_T (paper section 3)
+        error = world_model(batch["obs"][:, 0], batch["actions"]) - batch["obs"][:, 1:]
+        return (error ** 2).mean(), (error.abs() <= args.world_tolerance).float().mean()
+
+    def reward_loss(batch):  # L_R: MSE of R(s, a, s') against the simulator's reward
+        error = reward_model(torch.cat([batch["obs"], batch["actions"], batch["next_obs"]], -1)).squeeze(-1) - batch["rewards"]
+        return (error ** 2).mean(), (error.abs() <= args.reward_tolerance).float().mean()
+
+    def value_loss(batch):  # L_V: MSE of V(s) against the TD(lambda) targets
+        error = value_model(batch["obs"]).squeeze(-1) - batch["targets"]
+        return (error ** 2).mean(), (error.abs() <= args.reward_tolerance).float().mean()
+
+    @torch.no_grad()
+    def model_accuracy(traj) -> dict:
+        """World and reward accuracy on an evaluation rollout, cut into windows of T steps (SPEC section 5.7)."""
+        hits = torch.zeros(2, device=device)
+        total = torch.zeros(2, device=device)
+        for k in range(0, traj["actions"].shape[0] - T + 1, T):
+            obs, actions, alive = traj["obs"][k:k + T + 1], traj["actions"][k:k + T], traj["alive"][k:k + T]
+            s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
+            world_hit = (s_hat - obs[1:]).abs() <= args.world_tolerance
+            r_hat = reward_model(torch.cat([obs[:-1], actions, obs[1:]], -1)).squeeze(-1)
+            reward_hit = (r_hat - traj["rewards"][k:k + T]).abs() <= args.reward_tolerance
+            weight = alive[..., None].float()
+            hits += torch.stack([(world_hit * weight[..., None]).sum(), (reward_hit * weight).sum()])
+            total += torch.stack([weight.sum() * n * obs_dim, weight.sum() * n])
+        world_accuracy, reward_accuracy = (hits / total.clamp(min=1)).tolist()
+        return dict(world_accuracy=world_accuracy, reward_accuracy=reward_accuracy)
+
+    # rollout storage, time first, preallocated
+    obs_buf = torch.zeros(T + 1, N, n, obs_dim, device=device)
+    rew_buf = torch.zeros(T, N, n, device=device)
+    term_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
+    alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
+    nan = torch.tensor(math.nan, device=device)
+
+    start = last_print = time.time()
+    last_eval = {}
+    for episode in range(1, args.episodes + 1):
+        # ---- rollout in the non-differentiable simulator (Algorithm 1, line 6); actions keep the policy's graph
+        if episode == 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
+            obs, _ = reset(env)
+            done = torch.zeros(N, dtype=torch.bool, device=device)
+        actions, means = [], []
+        for t in range(T):
+            mean = policy(obs)
+            action = (mean + args.policy_std * torch.randn_like(mean)).clamp(-1.0, 1.0)  # reparameterised sample
+            obs_buf[t], alive_buf[t] = obs, ~done
+            obs, rew_buf[t], dones = step(env, action.detach())
+            term_buf[t] = dones & ~done  # terminated at this step
+            done = done | dones
+            actions.append(action)
+            means.append(mean)
+        obs_buf[T] = obs
+        actions, means = torch.stack(actions), torch.stack(means)
+
+        # ---- caches (SPEC 5.5): rollouts and transitions of live environments, value targets from real data (5.6)
+        with torch.no_grad():
+            values = value_model(obs_buf).squeeze(-1)  # V on the real observations s_0..s_T
+            targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
+            live = alive_buf[0]
+            team_rewards = (rew_buf.sum(-1) * alive_buf)
+            world_cache.add(team_rewards.sum(0)[live], obs=obs_buf.transpose(0, 1)[live],
+                            actions=actions.detach().transpose(0, 1)[live])
+            a = alive_buf
+            reward_cache.add(team_rewards[a], obs=obs_buf[:-1][a], actions=actions.detach()[a], next_obs=obs_buf[1:][a],
+                             rewards=rew_buf[a])
+            value_cache.add(targets.sum(-1)[a], obs=obs_buf[:-1][a], targets=targets[a])
+
+        # ---- policy step through the learned models (Algorithm 1, lines 7-10)
+        stats = policy_update(policy, policy_opt, world_model, reward_model, value_model,
+                                               obs_buf, actions, means, alive_buf, term_buf, args)
+
+        # ---- cool-down: the value, reward and world models train every K episodes (Algorithm 1, lines 11-13)
+        stats |= dict(value_loss=nan, value_accuracy=nan, reward_loss=nan, reward_accuracy=nan, world_loss=nan,
+                      world_accuracy=nan)
+        for name, every, model, opt, cache, loss_fn in (
+                ("value", args.value_every, value_model, value_opt, value_cache, value_loss),
+                ("reward", args.reward_every, reward_model, reward_opt, reward_cache, reward_loss),
+                ("world", args.world_every, world_model, world_opt, world_cache, world_loss)):
+            if episode % every == 0:
+                stats[f"{name}_loss"], stats[f"{name}_accuracy"] = fit(
+                    model, opt, cache, loss_fn, args.model_epochs, args.model_minibatch)
+
+        # ---- log: one row per episode (the only host synchronisation of the episode)
+        elapsed = time.time() - start
+        train_return = (team_rewards.sum(0)).mean().item()
+        global_step = episode * N * T
+        row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+        train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, train_return=train_return, **row,
+                             sps=global_step / elapsed))
+
+        # ---- evaluation and early stopping (SPEC section 3)
+        if episode % args.eval_every == 0 or episode == args.episodes:
+            last_eval, trajectory = evaluate(policy, eval_env, args.eval_steps, args.stop_return, record=True)
+            last_eval.update(model_accuracy(trajectory))
+            eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - start, **last_eval))
+            print(f"eval episode {episode}: return {last_eval['eval_return']:.3f} / {last_eval['max_return']:.3f} "
+                  f"normalized {last_eval['normalized_return']:.3f} solved {last_eval['solved_fraction']:.3f} "
+                  f"world acc {last_eval['world_accuracy']:.3f} reward acc {last_eval['reward_accuracy']:.3f}")
+            if last_eval["solved_fraction"] >= args.stop_fraction:
+                print(f"early stop at episode {episode}: {last_eval['solved_fraction']:.0%} of evaluation environments "
+                      f"reached {args.stop_return:.0%} of max_return")
+                break
+        if time.time() - last_print > 5:
+            last_print = time.time()
+            print(f"episode {episode} sps {global_step / elapsed:.0f} train_return {train_return:.3f} "
+                  f"last eval {last_eval.get('normalized_return', float('nan')):.3f}")
+
+    if args.save_model:
+        torch.save({name: m.state_dict() for name, m in (("policy", policy), ("value_model", value_model),
+                    ("reward_model", reward_model), ("world_model", world_model))}, os.path.join(run_dir, "final.pt"))
+    print(f"done in {time.time() - start:.0f} s: {run_dir}")

@@ -1,0 +1,179 @@
+"""Numerics of SHAC++ (shacpp.py): world-model attention, TD(lambda) targets, binned caches, action penalty,
+and the isolation of the policy step from the model networks. Run: python -m pytest -q"""
+import copy
+
+import pytest
+import torch
+
+import shacpp
+
+
+def test_world_model_sees_no_later_step():
+    torch.manual_seed(0)
+    n, obs_dim, T = 3, 5, 6
+    model = shacpp.WorldModel(n, obs_dim, T)
+    obs0, actions = torch.randn(2, n, obs_dim), torch.randn(2, T, n, 2)
+    pred = model(obs0, actions)
+    assert pred.shape == (2, T, n, obs_dim)  # pred[:, k] is s^_{k+1}
+    for t in range(T):
+        for i in range(n):
+            changed = actions.clone()
+            changed[:, t, i] += 1.0
+            pred2 = model(obs0, changed)
+            torch.testing.assert_close(pred2[:, :t], pred[:, :t])  # s^_1..s^_t do not see a_t
+            assert (pred2[:, t, i] - pred[:, t, i]).abs().max() > 1e-4  # s^_{t+1} of agent i does
+    # the mask itself: no token attends to a later step
+    step = torch.arange(T + 1).repeat_interleave(n)
+    later = step[None] > step[:, None]
+    assert model.mask[later].all()
+    # and an agent sees its own past and its own step, but another agent only at the same step
+    agent = torch.arange(n).repeat(T + 1)
+    earlier_other = (step[None] < step[:, None]) & (agent[None] != agent[:, None])
+    assert model.mask[earlier_other].all()
+    assert not model.mask[(step[None] <= step[:, None]) & (agent[None] == agent[:, None])].any()
+
+
+def naive_lambda_return(rewards, values, terminated, gamma, lam):
+    """The paper's definition: V_t = (1-lam) sum_{k=1}^{h-t-1} lam^{k-1} G_t^k + lam^{h-t-1} G_t^{h-t}, with
+    G_t^k = sum_{l=t}^{t+k-1} gamma^{l-t} r_l + gamma^k V(s_{t+k}); nothing counts after a termination.
+    values[k] is V(s_k) for k = 0..h (values[h] the bootstrap at the window end)."""
+    h = len(rewards)
+    out = torch.zeros(h)
+    for t in range(h):
+        def G(k):
+            total, ended = 0.0, False
+            for l in range(t, t + k):
+                total += gamma ** (l - t) * rewards[l]
+                if terminated[l]:
+                    ended = True
+                    break
+            return total + (0.0 if ended else gamma ** k * values[t + k])
+        out[t] = (1 - lam) * sum(lam ** (k - 1) * G(k) for k in range(1, h - t)) + lam ** (h - t - 1) * G(h - t)
+    return out
+
+
+def test_lambda_returns_match_definition():
+    g = torch.Generator().manual_seed(1)
+    T, B = 9, 6
+    rewards = torch.randn(T, B, generator=g)
+    values = torch.randn(T + 1, B, generator=g)
+    terminated = torch.rand(T, B, generator=g) < 0.15
+    targets = shacpp.lambda_returns(rewards, values[1:], terminated, 0.99, 0.95)
+    for b in range(B):
+        expected = naive_lambda_return(rewards[:, b], values[:, b], terminated[:, b], 0.99, 0.95)
+        torch.testing.assert_close(targets[:, b], expected)
+    assert terminated.any() and (~terminated).all(0).any()  # both cases occur
+
+
+def test_binned_cache_keeps_rare_items():
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(30000, 25, "cpu")
+    for _ in range(10):
+        cache.add(torch.zeros(1000), x=torch.zeros(1000, 2))
+    cache.add(torch.full((10,), 5.0), x=torch.ones(10, 2))
+    batch = cache.sample(1000)["x"]
+    assert batch.shape == (1000, 2)
+    assert (batch == 1).all(1).sum() > 0  # the 10 rare items survive 10,000 common ones and are drawn
+    assert len(cache) == 1200 + 10  # the zero bin holds only its capacity
+
+
+def test_binned_cache_replaces_oldest_first():
+    cache = shacpp.BinnedCache(6, 2, "cpu")  # 3 slots per bin
+    cache.add(torch.tensor([0.0, 1.0]), x=torch.tensor([-1.0, -2.0]))  # fixes the key range to [0, 1]
+    for value in [10.0, 20.0, 30.0, 40.0]:  # all to bin 0, which already holds -1
+        cache.add(torch.tensor([0.0]), x=torch.tensor([value]))
+    assert sorted(cache.data["x"][0].tolist()) == [20.0, 30.0, 40.0]  # -1 went first, then 10
+    cache.add(torch.zeros(5), x=torch.arange(5.0))  # more than a bin holds at once: the newest 3 stay
+    assert sorted(cache.data["x"][0].tolist()) == [2.0, 3.0, 4.0]
+    assert cache.data["x"][1].tolist()[0] == -2.0  # the other bin is untouched
+
+
+def test_binned_caches_keep_their_own_range():
+    a, b = shacpp.BinnedCache(90, 9, "cpu"), shacpp.BinnedCache(90, 9, "cpu")
+    a.add(torch.tensor([0.0, 100.0]), x=torch.zeros(2))
+    b.add(torch.tensor([0.0, 1.0]), x=torch.zeros(2))
+    assert b.bin_of(torch.tensor([1.0])).item() == 8  # top bin of b's own range [0, 1]
+    assert a.bin_of(torch.tensor([1.0])).item() == 0  # bottom bin of a's range [0, 100]
+    assert (a.low.item(), a.high.item(), b.low.item(), b.high.item()) == (0.0, 100.0, 0.0, 1.0)
+
+
+def test_action_penalty():
+    mean = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.9, 1.0, 2.5], requires_grad=True)
+    d = shacpp.action_penalty(mean)
+    torch.testing.assert_close(d, torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.25]))
+    d.sum().backward()
+    assert mean.grad[0] < 0 and mean.grad[-1] > 0  # descent moves -3 up and 2.5 down, back into [-1, 1]
+    assert (mean.grad[1:-1] == 0).all()
+
+
+def make_models(n=2, obs_dim=4, T=3, arch="mlp"):
+    torch.manual_seed(0)
+    return (shacpp.make_network(arch, n, obs_dim, 2), shacpp.WorldModel(n, obs_dim, T),
+            shacpp.make_network(arch, n, 2 * obs_dim + 2, 1), shacpp.make_network(arch, n, obs_dim, 1))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_policy_update_leaves_models_alone(arch):
+    n, obs_dim, T, N = 2, 4, 3, 5
+    policy, world, reward, value = make_models(n, obs_dim, T, arch)
+    args = shacpp.Args(n_agents=n, num_steps=T)
+    obs = torch.randn(T + 1, N, n, obs_dim)
+    means = policy(obs[:-1])
+    actions = (means + torch.randn_like(means)).clamp(-1, 1)
+    alive, terminated = torch.ones(T, N, dtype=torch.bool), torch.zeros(T, N, dtype=torch.bool)
+    models = (world, reward, value)
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    policy_before = copy.deepcopy(policy.state_dict())
+    model_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+    twins = [copy.deepcopy(m) for m in models]  # identical models that never see a policy step
+    twin_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in twins]
+
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    stats = shacpp.policy_update(policy, opt, world, reward, value, obs, actions, means, alive, terminated, args)
+    assert torch.isfinite(stats["policy_loss"]) and stats["grad_norm"] > 0
+    assert any((policy.state_dict()[k] != v).any() for k, v in policy_before.items())  # the policy moved
+    for m, b in zip(models, before):
+        assert all(p.grad is None for p in m.parameters())
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(v, b[k], rtol=0, atol=0)
+
+    # a later model update is exactly what it would have been without the policy step
+    inputs = [(torch.randn(N, n, obs_dim), torch.randn(N, T, n, 2)), (torch.randn(N, n, 2 * obs_dim + 2),),
+              (torch.randn(N, n, obs_dim),)]
+    for m, o, twin, twin_o, inp in zip(models, model_opts, twins, twin_opts, inputs):
+        for model, optimizer in ((m, o), (twin, twin_o)):
+            optimizer.zero_grad()
+            model(*inp).pow(2).mean().backward()
+            optimizer.step()
+        for p, q in zip(m.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_policy_loss_masks_after_termination():
+    """Rewards after a termination and the terminated environment's bootstrap do not reach the policy."""
+    n, obs_dim, T, N = 1, 4, 3, 2
+    policy, world, reward, value = make_models(n, obs_dim, T)
+    args = shacpp.Args(n_agents=n, num_steps=T)
+    obs = torch.randn(T + 1, N, n, obs_dim)
+
+    def grads(alive, terminated, scale_value=1.0):
+        torch.manual_seed(3)
+        p = copy.deepcopy(policy)
+        means = p(obs[:-1])
+        actions = means.clamp(-1, 1)
+        v = copy.deepcopy(value)
+        with torch.no_grad():
+            v.out.weight.mul_(scale_value)  # changes dV/ds, hence the gradient through the bootstrap
+        opt = torch.optim.SGD(p.parameters(), lr=0.0)
+        shacpp.policy_update(p, opt, world, reward, v, obs, actions, means, alive, terminated, args)
+        return torch.cat([q.grad.flatten() for q in p.parameters()])
+
+    alive = torch.tensor([[True, True], [False, True], [False, True]])
+    terminated = torch.tensor([[True, False], [False, False], [False, False]])
+    # env 0 terminated at step 0: changing the value network's output must not change the gradient via env 0;
+    # env 1 is alive throughout, so it does. Compare with env 1 dead from the start (only env 0 left).
+    only_env0_alive = torch.tensor([[True, False], [False, False], [False, False]])
+    g1, g2 = grads(only_env0_alive, terminated), grads(only_env0_alive, terminated, scale_value=10.0)
+    torch.testing.assert_close(g1, g2)
+    g3, g4 = grads(alive, terminated), grads(alive, terminated, scale_value=10.0)
+    assert not torch.allclose(g3, g4)
