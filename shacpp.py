@@ -344,31 +344,35 @@ def action_penalty(mean, low: float = -1.0, high: float = 1.0):
     return (mean - high).clamp(min=0) ** 2 + (low - mean).clamp(min=0) ** 2
 
 
-def policy_update(policy, optimizer, world_model, reward_model, value_model, obs, actions, means, alive, terminated,
-                  args: Args):
-    """One SHAC step through the learned models (Algorithm 1, lines 7-10). Time first:
-    obs (T+1, N, n, o) of the simulator, actions (T, N, n, 2) attached to the policy's graph, means their
-    policy means, alive (T, N) not terminated before step t, terminated (T, N) terminated at step t."""
-    T, N, n = actions.shape[:3]
-    s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)  # s^_1..s^_T
-    s_hat = torch.cat([obs[:1], s_hat])  # s^_0 = s_0
-    r_hat = reward_model(torch.cat([s_hat[:-1], actions, s_hat[1:]], -1)).squeeze(-1)  # (T, N, n)
-    v_hat = value_model(s_hat[-1]).squeeze(-1)  # (N, n)
-    discount = args.gamma ** torch.arange(T, device=obs.device)
-    # sum_t gamma^t r^_t + gamma^T v^ (paper eq. of L_pi): no reward after a termination, bootstrap 0 if terminated
-    ret = (discount[:, None, None] * r_hat * alive[..., None]).sum(0)
-    ret = ret + args.gamma ** T * v_hat * ~terminated.any(0)[:, None]
+def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated, args: Args) -> dict:
+    """One Adam step on the SHAC policy loss (paper section 2.3) plus the action-bound penalty (section 3).
+    Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions; means (T, N, n, 2)
+    the policy means; alive (T, N): not terminated before step t; terminated (T, N): terminated at step t."""
+    T, N, n = rewards.shape
+    discount = args.gamma ** torch.arange(T, device=rewards.device)
+    # sum_t gamma^t r_t + gamma^T V(s_T): no reward after a termination, and no bootstrap if the window terminated
+    ret = (discount[:, None, None] * rewards * alive[..., None]).sum(0)
+    ret = ret + args.gamma ** T * last_value * ~terminated.any(0)[:, None]
     live = alive[0].float()  # environments already done at the rollout start are left out
-    denominator = live.sum().clamp(min=1) * n * T
-    penalty = (action_penalty(means) * alive[..., None, None]).sum() / (denominator * 2)
-    imagined = (ret.sum(-1) * live).sum() / denominator
-    loss = -imagined + args.alpha * penalty
+    denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
+    window_return = (ret.sum(-1) * live).sum() / denominator
+    penalty = (action_penalty(means) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
+    loss = -window_return + args.alpha * penalty
     optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=list(policy.parameters()))  # no gradient lands in the world, reward or value networks
+    loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
     grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
     optimizer.step()
-    return dict(policy_loss=loss.detach(), imagined_return=imagined.detach(), penalty=penalty.detach(),
+    return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
                 mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
+
+
+def imagine(world_model, reward_model, value_model, obs, actions):
+    """r^ and v^ through the learned models (Algorithm 1, lines 7-9): s^_1..s^_T = F(s_0, a_0..a_{T-1}),
+    r^_t = R(s^_t, a_t, s^_{t+1}) with s^_0 = s_0, v^ = V(s^_T). obs (T+1, N, n, o), actions (T, N, n, 2)."""
+    s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
+    s_hat = torch.cat([obs[:1], s_hat])
+    r_hat = reward_model(torch.cat([s_hat[:-1], actions, s_hat[1:]], -1)).squeeze(-1)  # (T, N, n)
+    return r_hat, value_model(s_hat[-1]).squeeze(-1)
 
 
 def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int):
@@ -478,8 +482,8 @@ if __name__ == "__main__":
             value_cache.add(targets.sum(-1)[a], obs=obs_buf[:-1][a], targets=targets[a])
 
         # ---- policy step through the learned models (Algorithm 1, lines 7-10)
-        stats = policy_update(policy, policy_opt, world_model, reward_model, value_model,
-                                               obs_buf, actions, means, alive_buf, term_buf, args)
+        r_hat, v_hat = imagine(world_model, reward_model, value_model, obs_buf, actions)
+        stats = policy_step(policy, policy_opt, r_hat, v_hat, means, alive_buf, term_buf, args)
 
         # ---- cool-down: the value, reward and world models train every K episodes (Algorithm 1, lines 11-13)
         stats |= dict(value_loss=nan, value_accuracy=nan, reward_loss=nan, reward_accuracy=nan, world_loss=nan,

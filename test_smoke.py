@@ -36,17 +36,19 @@ SCRIPTS = {  # script: (extra tiny arguments, extra train.csv columns, extra eva
                    "--model-epochs", "1", "--world-cache", "50", "--reward-cache", "90", "--value-cache", "90"],
                   {"world_loss", "world_accuracy", "reward_loss", "reward_accuracy", "value_loss", "value_accuracy"},
                   {"world_accuracy", "reward_accuracy"}),
+    "shac.py": ([], {"value_loss", "window_return"}, set()),
 }
+CASES = [(script, scenario, 3, arch) for script in ("ppo.py", "shacpp.py") for scenario in SCENARIOS
+         for arch in ("mlp", "transformer")]
+CASES += [("shac.py", scenario, n, arch) for scenario in ("transport", "sampling") for n, arch in ((1, "mlp"), (3, "transformer"))]
 
 
-@pytest.mark.parametrize("arch", ["mlp", "transformer"])
-@pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_end_to_end(script, scenario, arch, tmp_path):
+@pytest.mark.parametrize("script, scenario, n, arch", CASES)
+def test_end_to_end(script, scenario, n, arch, tmp_path):
     extra, train_columns, eval_columns = SCRIPTS[script]
-    out = run_script(script, ["--scenario", scenario, "--n-agents", "3", "--arch", arch, *extra, *TINY], tmp_path)
+    out = run_script(script, ["--scenario", scenario, "--n-agents", str(n), "--arch", arch, *extra, *TINY], tmp_path)
     assert out.returncode == 0, out.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{scenario}__3__{arch}__{script[:-3]}__1__*"))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{scenario}__{n}__{arch}__{script[:-3]}__1__*"))
     train, evals = read_csv(os.path.join(run_dir, "train.csv")), read_csv(os.path.join(run_dir, "eval.csv"))
     assert [r["episode"] for r in train] == ["1", "2", "3"]
     assert COMMON_TRAIN | train_columns <= set(train[0])
@@ -56,6 +58,15 @@ def test_end_to_end(script, scenario, arch, tmp_path):
     for row in evals + [train[1]]:  # episode 2 trains every model; other rows leave untrained models' columns nan
         assert all(math.isfinite(float(v)) for v in row.values()), row
     assert os.path.exists(os.path.join(run_dir, "args.json"))
+
+
+@pytest.mark.parametrize("scenario", ["dispersion", "discovery"])
+def test_shac_refuses_non_differentiable_rewards(scenario, tmp_path):
+    out = run_script("shac.py", ["--scenario", scenario], tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: the {scenario} reward is not differentiable, so SHAC cannot train on it; use shacpp.py"]
+    assert not os.path.exists(tmp_path / "runs")
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -1,0 +1,385 @@
+# SHAC through the differentiable VMAS simulator, the baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+import vmas
+from vmas.scenarios.dispersion import Scenario as VmasDispersion
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the simulator"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, run everything (simulator included) on CUDA when it is available"""
+    scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "dispersion"
+    """the VMAS scenario (SPEC section 2)"""
+    n_agents: int = 1
+    """number of agents"""
+    arch: Literal["mlp", "transformer"] = "mlp"
+    """architecture of the policy and value networks"""
+    episodes: int = 20000
+    """number of training episodes (one episode = one rollout of num_steps in num_envs, then the updates)"""
+    num_envs: int = 512
+    """number of parallel training environments"""
+    num_steps: int = 32
+    """steps per rollout (the horizon h of the paper)"""
+    reset_every: int = 10
+    """reset all training environments every this many episodes"""
+    eval_every: int = 100
+    """evaluate every this many episodes (and at the end)"""
+    eval_envs: int = 512
+    """number of evaluation environments"""
+    eval_steps: int = 512
+    """steps per evaluation rollout"""
+    stop_fraction: float = 0.9
+    """early stop when this fraction of evaluation environments ..."""
+    stop_return: float = 0.9
+    """... reaches this fraction of its max_return"""
+    save_model: bool = False
+    """save the final networks to runs/<run_name>/final.pt"""
+    capture_video: bool = False
+    """render evaluation environment 0 to a GIF (comes with the checkpoint issue)"""
+    checkpoint: str = ""
+    """resume from this checkpoint (comes with the checkpoint issue)"""
+
+    # SHAC (SPEC section 6)
+    learning_rate: float = 1e-3
+    """Adam learning rate of every network"""
+    gamma: float = 0.99
+    """discount factor"""
+    lam: float = 0.95
+    """lambda of the TD(lambda) value targets"""
+    alpha: float = 1.0
+    """weight of the action-bound penalty (the paper's alpha)"""
+    policy_std: float = 1.0
+    """fixed standard deviation of the Gaussian policy"""
+    max_grad_norm: float = 1.0
+    """gradient norm clip of the policy step"""
+    world_every: int = 10
+    value_epochs: int = 4
+    """epochs over the current rollout when the value model trains (every episode)"""
+    value_minibatches: int = 4
+    """minibatches per value epoch"""
+
+
+def parse_args() -> Args:
+    """tyro.cli, with a bad argument reported as one line on stderr (tyro draws a box) and checked ranges."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            args = tyro.cli(Args)
+    except SystemExit as e:
+        lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
+        sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
+    for name in ("n_agents", "num_envs", "num_steps", "eval_every", "eval_envs", "eval_steps", "reset_every"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.episodes < 0:
+        sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
+    return args
+
+
+# ---------------------------------------------------------------- environments (SPEC section 2)
+class Dispersion(VmasDispersion):
+    """VMAS dispersion with the agents evenly spaced on a circle of radius 0.05 (the paper's change:
+    stock VMAS starts every agent at the origin, which gives them identical observations)."""
+
+    def reset_world_at(self, env_index=None):
+        super().reset_world_at(env_index)
+        n = len(self.world.agents)
+        for i, agent in enumerate(self.world.agents):
+            angle = 2 * math.pi * i / n
+            pos = torch.tensor([0.05 * math.cos(angle), 0.05 * math.sin(angle)], device=self.world.device)
+            agent.set_pos(pos, batch_index=env_index)
+
+
+def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, grad_enabled: bool = False):
+    kwargs = {
+        "dispersion": dict(n_food=n_agents),
+        "transport": dict(package_mass=10),
+        "discovery": dict(agents_per_target=min(n_agents, 2), targets_respawn=False),
+        "sampling": dict(),
+    }[scenario]
+    env = vmas.make_env(
+        Dispersion() if scenario == "dispersion" else scenario, num_envs=num_envs, device=device,
+        continuous_actions=True, seed=seed, grad_enabled=grad_enabled, n_agents=n_agents, **kwargs,
+    )
+    env.scenario_name = scenario
+    return env
+
+
+def max_return(env) -> torch.Tensor:
+    """Best team return of each environment (or an upper bound), right after a reset (SPEC section 2)."""
+    s, n = env.scenario, env.n_agents
+    if env.scenario_name == "dispersion":  # each food pays 1 in total, shared among the agents on it
+        return torch.full((env.num_envs,), float(n), device=env.device)
+    if env.scenario_name == "transport":  # every agent receives 100 x the package's progress towards the goal
+        gap = torch.linalg.vector_norm(s.packages[0].state.pos - s.packages[0].goal.state.pos, dim=-1)
+        return s.shaping_factor * n * gap
+    if env.scenario_name == "discovery":  # each target pays 1 to each of the >= agents_per_target agents covering it
+        return torch.full((env.num_envs,), float(s.n_targets * s._agents_per_target), device=env.device)
+    # sampling: every agent receives the shared density of each cell once; VMAS normalises per environment
+    xs = torch.arange(-s.xdim, s.xdim, s.grid_spacing, device=env.device)
+    ys = torch.arange(-s.ydim, s.ydim, s.grid_spacing, device=env.device)
+    grid = torch.cartesian_prod(xs, ys).unsqueeze(1)  # (cells, 1, 2), broadcast over environments
+    density = sum(g.log_prob(grid).exp() for g in s.gaussians)  # (cells, envs)
+    return n * (density / s.max_pdf).sum(0)
+
+
+def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reset every environment; observations (envs, agents, obs) and max_return (envs,)."""
+    obs = torch.stack(env.reset(), dim=1)
+    return obs, max_return(env)
+
+
+def step(env, action: torch.Tensor):
+    """One step with actions (envs, agents, 2); observations, per-agent rewards (envs, agents), dones (envs,)."""
+    obs, rewards, dones, _ = env.step(list(action.unbind(1)))
+    return torch.stack(obs, dim=1), torch.stack(rewards, dim=1), dones
+
+
+# ---------------------------------------------------------------- networks (SPEC section 4)
+class MLP(nn.Module):
+    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        hidden = 32 * n_agents
+        self.n_agents, self.out_dim = n_agents, out_dim
+        self.inp = nn.Linear(n_agents * in_dim, hidden)
+        self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
+        self.out = nn.Linear(hidden, n_agents * out_dim)
+
+    def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
+        h = torch.relu(self.inp(x.flatten(-2)))
+        return self.out(h + self.block(h)).unflatten(-1, (self.n_agents, self.out_dim))
+
+
+class Transformer(nn.Module):
+    """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, d_model)
+        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d_model, out_dim)
+
+    def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
+        h = self.encoder(self.embed(x.flatten(0, -3)))
+        return self.head(h).unflatten(0, x.shape[:-2])
+
+
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
+    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
+
+
+@torch.no_grad()
+def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False):
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
+    Returns the metrics and, with `record`, the trajectory (time first) for the model accuracies of SHAC++."""
+    obs, best = reset(env)
+    team_return = torch.zeros(env.num_envs, device=env.device)
+    done = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    trajectory = dict(obs=[obs], actions=[], rewards=[], alive=[])
+    for _ in range(steps):
+        action = policy_mean(obs).clamp(-1.0, 1.0)
+        obs, rewards, dones = step(env, action)
+        team_return += rewards.sum(-1) * ~done  # nothing counts after an environment terminated
+        if record:
+            for k, v in zip(trajectory, (obs, action, rewards, ~done)):
+                trajectory[k].append(v)
+        done |= dones
+    metrics = dict(
+        eval_return=team_return.mean().item(), max_return=best.mean().item(),
+        normalized_return=(team_return.mean() / best.mean()).item(),
+        solved_fraction=(team_return >= stop_return * best).float().mean().item(),
+    )
+    return metrics, {k: torch.stack(v) for k, v in trajectory.items()} if record else None
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+class CSVLog:
+    """Appends rows to a CSV file; the columns are fixed by the first row."""
+
+    def __init__(self, path: str):
+        self.path, self.columns = path, None
+
+    def write(self, row: dict):
+        with open(self.path, "a") as f:
+            if self.columns is None:
+                self.columns = list(row)
+                f.write(",".join(self.columns) + "\n")
+            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns) + "\n")
+
+
+# ---------------------------------------------------------------- SHAC (SPEC section 6)
+def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
+    """Truncated TD(lambda) targets of the paper (section 2.3), by the recursion
+    G_t = r_t + gamma (1 - d_t) ((1 - lam) V(s_{t+1}) + lam G_{t+1}), with G_T = V(s_T) (bootstrap at the window end).
+    rewards, next_values (= V(s_{t+1})), terminated: (T, ...), time first."""
+    targets = torch.zeros_like(rewards)
+    g = next_values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        g = rewards[t] + gamma * (~terminated[t]) * ((1 - lam) * next_values[t] + lam * g)
+        targets[t] = g
+    return targets
+
+
+def action_penalty(mean, low: float = -1.0, high: float = 1.0):
+    """d(mu, [low, high]) of the paper's section 3, element-wise: squared distance outside the bounds, 0 inside."""
+    return (mean - high).clamp(min=0) ** 2 + (low - mean).clamp(min=0) ** 2
+
+
+def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated, args: Args) -> dict:
+    """One Adam step on the SHAC policy loss (paper section 2.3) plus the action-bound penalty (section 3).
+    Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions; means (T, N, n, 2)
+    the policy means; alive (T, N): not terminated before step t; terminated (T, N): terminated at step t."""
+    T, N, n = rewards.shape
+    discount = args.gamma ** torch.arange(T, device=rewards.device)
+    # sum_t gamma^t r_t + gamma^T V(s_T): no reward after a termination, and no bootstrap if the window terminated
+    ret = (discount[:, None, None] * rewards * alive[..., None]).sum(0)
+    ret = ret + args.gamma ** T * last_value * ~terminated.any(0)[:, None]
+    live = alive[0].float()  # environments already done at the rollout start are left out
+    denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
+    window_return = (ret.sum(-1) * live).sum() / denominator
+    penalty = (action_penalty(means) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
+    loss = -window_return + args.alpha * penalty
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
+    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
+                mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
+
+
+def cut_graph(env):
+    """Start a new differentiable window (SPEC section 2): detach the simulator's state, and transport's shaping
+    term, which the scenario keeps between steps; otherwise the next backward pass runs into a freed graph."""
+    env.world.zero_grad()
+    for package in getattr(env.scenario, "packages", []):
+        package.global_shaping = package.global_shaping.detach()
+
+
+def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: int):
+    """Regress V on the TD(lambda) targets of the current rollout (SPEC section 6); obs (M, n, o), targets (M, n)."""
+    for _ in range(epochs):
+        for idx in torch.randperm(len(obs), device=obs.device).chunk(minibatches):
+            loss = ((value_model(obs[idx]).squeeze(-1) - targets[idx]) ** 2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return loss.detach()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.scenario in ("dispersion", "discovery"):  # refused before anything is built
+        sys.exit(f"error: the {args.scenario} reward is not differentiable, so SHAC cannot train on it; use shacpp.py")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    seed_everything(args.seed, args.torch_deterministic)
+    env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed, grad_enabled=True)
+    eval_env = make_env(args.scenario, args.n_agents, args.eval_envs, device, args.seed + 1)
+    obs_dim = env.observation_space[0].shape[0]
+    n, T, N = args.n_agents, args.num_steps, args.num_envs
+
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
+    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
+    policy_opt, value_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate) for m in (policy, value_model))
+
+    run_name = f"{args.scenario}__{n}__{args.arch}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    train_log, eval_log = CSVLog(os.path.join(run_dir, "train.csv")), CSVLog(os.path.join(run_dir, "eval.csv"))
+    print(f"run {run_name} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps")
+
+    # rollout storage, time first, preallocated
+    obs_buf = torch.zeros(T + 1, N, n, obs_dim, device=device)
+    rew_buf = torch.zeros(T, N, n, device=device)
+    term_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
+    alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
+
+    start = last_print = time.time()
+    last_eval = {}
+    for episode in range(1, args.episodes + 1):
+        # ---- rollout through the differentiable simulator: rewards and observations carry the actions' gradient
+        if episode == 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
+            obs, _ = reset(env)
+            done = torch.zeros(N, dtype=torch.bool, device=device)
+        cut_graph(env)
+        obs = obs.detach()
+        rewards, means = [], []
+        for t in range(T):
+            mean = policy(obs)
+            action = (mean + args.policy_std * torch.randn_like(mean)).clamp(-1.0, 1.0)  # reparameterised sample
+            obs_buf[t], alive_buf[t] = obs.detach(), ~done
+            obs, reward, dones = step(env, action)
+            term_buf[t] = dones & ~done  # terminated at this step
+            done = done | dones
+            rewards.append(reward)
+            means.append(mean)
+        obs_buf[T] = obs.detach()
+        rewards, means = torch.stack(rewards), torch.stack(means)
+        rew_buf.copy_(rewards.detach())
+
+        # ---- policy step on the true rewards and V(s_T), gradients through the physics (SPEC section 6)
+        stats = policy_step(policy, policy_opt, rewards, value_model(obs).squeeze(-1), means, alive_buf, term_buf, args)
+
+        # ---- value: TD(lambda) targets of this rollout, trained every episode (original SHAC)
+        with torch.no_grad():
+            values = value_model(obs_buf).squeeze(-1)
+            targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
+        stats["value_loss"] = fit_value(value_model, value_opt, obs_buf[:-1][alive_buf], targets[alive_buf],
+                                        args.value_epochs, args.value_minibatches)
+
+        # ---- log: one row per episode (the only host synchronisation of the episode)
+        elapsed = time.time() - start
+        train_return = (rew_buf.sum(-1) * alive_buf).sum(0).mean().item()
+        global_step = episode * N * T
+        row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+        train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, train_return=train_return, **row,
+                             sps=global_step / elapsed))
+
+        # ---- evaluation and early stopping (SPEC section 3)
+        if episode % args.eval_every == 0 or episode == args.episodes:
+            last_eval, _ = evaluate(policy, eval_env, args.eval_steps, args.stop_return)
+            eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - start, **last_eval))
+            print(f"eval episode {episode}: return {last_eval['eval_return']:.3f} / {last_eval['max_return']:.3f} "
+                  f"normalized {last_eval['normalized_return']:.3f} solved {last_eval['solved_fraction']:.3f}")
+            if last_eval["solved_fraction"] >= args.stop_fraction:
+                print(f"early stop at episode {episode}: {last_eval['solved_fraction']:.0%} of evaluation environments "
+                      f"reached {args.stop_return:.0%} of max_return")
+                break
+        if time.time() - last_print > 5:
+            last_print = time.time()
+            print(f"episode {episode} sps {global_step / elapsed:.0f} train_return {train_return:.3f} "
+                  f"last eval {last_eval.get('normalized_return', float('nan')):.3f}")
+
+    if args.save_model:
+        torch.save({"policy": policy.state_dict(), "value_model": value_model.state_dict()}, os.path.join(run_dir, "final.pt"))
+    print(f"done in {time.time() - start:.0f} s: {run_dir}")
