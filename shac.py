@@ -73,7 +73,6 @@ class Args:
     """fixed standard deviation of the Gaussian policy"""
     max_grad_norm: float = 1.0
     """gradient norm clip of the policy step"""
-    world_every: int = 10
     value_epochs: int = 4
     """epochs over the current rollout when the value model trains (every episode)"""
     value_minibatches: int = 4

@@ -284,6 +284,17 @@ class WorldModel(nn.Module):
         return self.head(h[:, 1:])
 
 
+class RewardModel(nn.Module):
+    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s']."""
+
+    def __init__(self, arch: str, n_agents: int, obs_dim: int):
+        super().__init__()
+        self.net = make_network(arch, n_agents, 2 * obs_dim + 2, 1)
+
+    def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs) -> (..., agents)
+        return self.net(torch.cat([obs, action, next_obs], -1)).squeeze(-1)
+
+
 class BinnedCache:
     """Replay cache split into `bins` bins over the running range of a scalar key; each bin is a ring buffer of
     capacity // bins items and batches are drawn uniformly from the filled slots (paper section 3, SPEC 5.5).
@@ -371,7 +382,7 @@ def imagine(world_model, reward_model, value_model, obs, actions):
     r^_t = R(s^_t, a_t, s^_{t+1}) with s^_0 = s_0, v^ = V(s^_T). obs (T+1, N, n, o), actions (T, N, n, 2)."""
     s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
     s_hat = torch.cat([obs[:1], s_hat])
-    r_hat = reward_model(torch.cat([s_hat[:-1], actions, s_hat[1:]], -1)).squeeze(-1)  # (T, N, n)
+    r_hat = reward_model(s_hat[:-1], actions, s_hat[1:])  # (T, N, n)
     return r_hat, value_model(s_hat[-1]).squeeze(-1)
 
 
@@ -396,7 +407,7 @@ if __name__ == "__main__":
 
     policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
-    reward_model = make_network(args.arch, n, 2 * obs_dim + 2, 1).to(device)  # R(s, a, s') per agent
+    reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
     world_model = WorldModel(n, obs_dim, T).to(device)  # F(s_0, a_0..a_{T-1})
     policy_opt, value_opt, reward_opt, world_opt = (
         torch.optim.Adam(m.parameters(), lr=args.learning_rate) for m in (policy, value_model, reward_model, world_model))
@@ -417,7 +428,7 @@ if __name__ == "__main__":
         return (error ** 2).mean(), (error.abs() <= args.world_tolerance).float().mean()
 
     def reward_loss(batch):  # L_R: MSE of R(s, a, s') against the simulator's reward
-        error = reward_model(torch.cat([batch["obs"], batch["actions"], batch["next_obs"]], -1)).squeeze(-1) - batch["rewards"]
+        error = reward_model(batch["obs"], batch["actions"], batch["next_obs"]) - batch["rewards"]
         return (error ** 2).mean(), (error.abs() <= args.reward_tolerance).float().mean()
 
     def value_loss(batch):  # L_V: MSE of V(s) against the TD(lambda) targets
@@ -433,7 +444,7 @@ if __name__ == "__main__":
             obs, actions, alive = traj["obs"][k:k + T + 1], traj["actions"][k:k + T], traj["alive"][k:k + T]
             s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
             world_hit = (s_hat - obs[1:]).abs() <= args.world_tolerance
-            r_hat = reward_model(torch.cat([obs[:-1], actions, obs[1:]], -1)).squeeze(-1)
+            r_hat = reward_model(obs[:-1], actions, obs[1:])
             reward_hit = (r_hat - traj["rewards"][k:k + T]).abs() <= args.reward_tolerance
             weight = alive[..., None].float()
             hits += torch.stack([(world_hit * weight[..., None]).sum(), (reward_hit * weight).sum()])

@@ -109,7 +109,7 @@ def test_action_penalty():
 def make_models(n=2, obs_dim=4, T=3, arch="mlp"):
     torch.manual_seed(0)
     return (shacpp.make_network(arch, n, obs_dim, 2), shacpp.WorldModel(n, obs_dim, T),
-            shacpp.make_network(arch, n, 2 * obs_dim + 2, 1), shacpp.make_network(arch, n, obs_dim, 1))
+            shacpp.RewardModel(arch, n, obs_dim), shacpp.make_network(arch, n, obs_dim, 1))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "transformer"])
@@ -139,8 +139,8 @@ def test_policy_update_leaves_models_alone(arch):
             torch.testing.assert_close(v, b[k], rtol=0, atol=0)
 
     # a later model update is exactly what it would have been without the policy step
-    inputs = [(torch.randn(N, n, obs_dim), torch.randn(N, T, n, 2)), (torch.randn(N, n, 2 * obs_dim + 2),),
-              (torch.randn(N, n, obs_dim),)]
+    inputs = [(torch.randn(N, n, obs_dim), torch.randn(N, T, n, 2)),
+              (torch.randn(N, n, obs_dim), torch.randn(N, n, 2), torch.randn(N, n, obs_dim)), (torch.randn(N, n, obs_dim),)]
     for m, o, twin, twin_o, inp in zip(models, model_opts, twins, twin_opts, inputs):
         for model, optimizer in ((m, o), (twin, twin_o)):
             optimizer.zero_grad()
