@@ -56,9 +56,9 @@ class Args:
     save_model: bool = False
     """save the final networks to runs/<run_name>/final.pt"""
     capture_video: bool = False
-    """render evaluation environment 0 to a GIF (comes with the checkpoint issue)"""
+    """render evaluation environment 0 to a GIF (not implemented yet: refused)"""
     checkpoint: str = ""
-    """resume from this checkpoint (comes with the checkpoint issue)"""
+    """resume from this checkpoint (not implemented yet: refused)"""
 
     # PPO (CleanRL's continuous PPO, SPEC section 7)
     learning_rate: float = 1e-3
@@ -95,6 +95,8 @@ def parse_args() -> Args:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
+    if args.checkpoint or args.capture_video:  # refused rather than silently ignored until they exist
+        sys.exit("error: --checkpoint and --capture-video are not implemented yet")
     return args
 
 
