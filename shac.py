@@ -88,9 +88,9 @@ def parse_args() -> Args:
     except SystemExit as e:
         lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
         sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
-    for name in ("n_agents", "num_envs", "num_steps", "eval_every", "eval_envs", "eval_steps", "reset_every"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
+        if type(value) is int and name not in ("seed", "episodes") and value < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
     if args.checkpoint or args.capture_video:  # refused rather than silently ignored until they exist

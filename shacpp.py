@@ -110,9 +110,9 @@ def parse_args() -> Args:
     except SystemExit as e:
         lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
         sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
-    for name in ("n_agents", "num_envs", "num_steps", "eval_every", "eval_envs", "eval_steps", "reset_every"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
+        if type(value) is int and name not in ("seed", "episodes") and value < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
     if args.checkpoint or args.capture_video:  # refused rather than silently ignored until they exist
@@ -400,6 +400,9 @@ def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, mi
 
 if __name__ == "__main__":
     args = parse_args()
+    for name in ("world", "reward", "value"):  # each bin must hold at least one item
+        if getattr(args, f"{name}_cache") < getattr(args, f"{name}_bins"):
+            sys.exit(f"error: --{name}-cache must be at least --{name}-bins")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed, args.torch_deterministic)
     env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed)
@@ -486,13 +489,13 @@ if __name__ == "__main__":
             values = value_model(obs_buf).squeeze(-1)  # V on the real observations s_0..s_T
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
             live = alive_buf[0]
-            team_rewards = (rew_buf.sum(-1) * alive_buf)
+            team_rewards = rew_buf.sum(-1) * alive_buf  # (T, N)
             world_cache.add(team_rewards.sum(0)[live], obs=obs_buf.transpose(0, 1)[live],
                             actions=actions.detach().transpose(0, 1)[live])
-            a = alive_buf
-            reward_cache.add(team_rewards[a], obs=obs_buf[:-1][a], actions=actions.detach()[a], next_obs=obs_buf[1:][a],
-                             rewards=rew_buf[a])
-            value_cache.add(targets.sum(-1)[a], obs=obs_buf[:-1][a], targets=targets[a])
+            alive = alive_buf
+            reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=actions.detach()[alive],
+                             next_obs=obs_buf[1:][alive], rewards=rew_buf[alive])
+            value_cache.add(targets.sum(-1)[alive], obs=obs_buf[:-1][alive], targets=targets[alive])
 
         # ---- policy step through the learned models (Algorithm 1, lines 7-10)
         r_hat, v_hat = imagine(world_model, reward_model, value_model, obs_buf, actions)
@@ -511,7 +514,7 @@ if __name__ == "__main__":
 
         # ---- log: one row per episode (the only host synchronisation of the episode)
         elapsed = time.time() - start
-        train_return = (team_rewards.sum(0)).mean().item()
+        train_return = team_rewards.sum(0).mean().item()
         global_step = episode * N * T
         row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
         train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, train_return=train_return, **row,

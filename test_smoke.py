@@ -78,8 +78,11 @@ BAD_INPUT = [
 
 
 # parse_args is the same in every script (test_shared_blocks_identical), so ppo.py gets every case and the others one
-@pytest.mark.parametrize("script, bad, message", [("ppo.py", *case) for case in BAD_INPUT] +
-                         [(script, *BAD_INPUT[i]) for i, script in ((0, "shacpp.py"), (1, "shac.py"))])
+@pytest.mark.parametrize("script, bad, message", [("ppo.py", *case) for case in BAD_INPUT] + [
+    ("shac.py", *BAD_INPUT[1]),
+    ("shacpp.py", ["--model-minibatch", "0"], "--model-minibatch must be at least 1"),  # algorithm fields too
+    ("shacpp.py", ["--world-cache", "10"], "--world-cache must be at least --world-bins"),
+])
 def test_bad_input_is_one_line(script, bad, message, tmp_path):
     out = run_script(script, bad, tmp_path)
     assert out.returncode != 0
