@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -17,11 +18,14 @@ import torch.nn as nn
 import tyro
 import vmas
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
+from vmas.simulator.environment import Environment as VmasEnvironment
+
+ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = ALGORITHM
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of python, numpy, torch and the simulator"""
@@ -56,9 +60,9 @@ class Args:
     save_model: bool = False
     """save the final networks to runs/<run_name>/final.pt"""
     capture_video: bool = False
-    """render evaluation environment 0 to a GIF (not implemented yet: refused)"""
+    """at every evaluation, render evaluation environment 0 to a GIF (VMAS renderer)"""
     checkpoint: str = ""
-    """resume from this checkpoint (not implemented yet: refused)"""
+    """resume from this checkpoint (last.pt or best.pt); with --episodes 0, only evaluate it"""
 
     # SHAC (SPEC section 6)
     learning_rate: float = 1e-3
@@ -93,8 +97,8 @@ def parse_args() -> Args:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
-    if args.checkpoint or args.capture_video:  # refused rather than silently ignored until they exist
-        sys.exit("error: --checkpoint and --capture-video are not implemented yet")
+    if args.episodes == 0 and not args.checkpoint:
+        sys.exit("error: --episodes 0 (evaluation only) needs --checkpoint")
     return args
 
 
@@ -153,7 +157,7 @@ def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
 
 def step(env, action: torch.Tensor):
     """One step with actions (envs, agents, 2); observations, per-agent rewards (envs, agents), dones (envs,)."""
-    obs, rewards, dones, _ = env.step(list(action.unbind(1)))
+    obs, rewards, dones, _ = env.step(list(action.nan_to_num(0.0).unbind(1)))  # VMAS aborts on a diverged NaN
     return torch.stack(obs, dim=1), torch.stack(rewards, dim=1), dones
 
 
@@ -192,14 +196,24 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
     return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
 
 
+def render_frame(env):
+    """Evaluation environment 0 drawn by VMAS's own renderer, as an (H, W, 3) uint8 array (headless via EGL)."""
+    import matplotlib.cm
+    if not hasattr(matplotlib.cm, "get_cmap"):  # VMAS's sampling renderer calls cm.get_cmap, gone in matplotlib 3.9
+        matplotlib.cm.get_cmap = lambda name, lut=None: matplotlib.colormaps[name].resampled(lut)
+    return env.render(mode="rgb_array", env_index=0, visualize_when_rgb=False)
+
+
 @torch.no_grad()
-def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False):
+def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False, render: bool = False):
     """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
-    Returns the metrics and, with `record`, the trajectory (time first) for the model accuracies of SHAC++."""
+    Returns the metrics and a dict with, if `record`, the trajectory (time first) for the model accuracies of
+    SHAC++ and, if `render`, the frames of environment 0."""
     obs, best = reset(env)
     team_return = torch.zeros(env.num_envs, device=env.device)
     done = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
     trajectory = dict(obs=[obs], actions=[], rewards=[], alive=[])
+    frames = [render_frame(env)] if render else []
     for _ in range(steps):
         action = policy_mean(obs).clamp(-1.0, 1.0)
         obs, rewards, dones = step(env, action)
@@ -207,13 +221,23 @@ def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = Fa
         if record:
             for k, v in zip(trajectory, (obs, action, rewards, ~done)):
                 trajectory[k].append(v)
+        if render:
+            frames.append(render_frame(env))
         done |= dones
     metrics = dict(
         eval_return=team_return.mean().item(), max_return=best.mean().item(),
         normalized_return=(team_return.mean() / best.mean()).item(),
         solved_fraction=(team_return >= stop_return * best).float().mean().item(),
     )
-    return metrics, {k: torch.stack(v) for k, v in trajectory.items()} if record else None
+    extras = {k: torch.stack(v) for k, v in trajectory.items()} if record else {}
+    return metrics, extras | ({"frames": frames} if render else {})
+
+
+def save_gif(frames, path: str):
+    """Frames (H, W, 3) to an animated GIF at 25 frames per second, with Pillow (already a matplotlib dependency)."""
+    from PIL import Image
+    images = [Image.fromarray(frame).resize((frame.shape[1] // 2, frame.shape[0] // 2)) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -224,10 +248,17 @@ def seed_everything(seed: int, deterministic: bool):
 
 
 class CSVLog:
-    """Appends rows to a CSV file; the columns are fixed by the first row."""
+    """Appends rows to a CSV file; the columns are fixed by the first row. Resuming at episode k keeps the
+    file's header and its rows up to episode k (the later ones are about to be written again)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume_episode: int | None = None):
         self.path, self.columns = path, None
+        if resume_episode is not None and os.path.exists(path):
+            with open(path) as f:
+                header, *rows = f.readlines()
+            self.columns = header.strip().split(",")
+            with open(path, "w") as f:
+                f.writelines([header, *(r for r in rows if int(r.split(",", 1)[0]) <= resume_episode)])
 
     def write(self, row: dict):
         with open(self.path, "a") as f:
@@ -236,6 +267,168 @@ class CSVLog:
                 f.write(",".join(self.columns) + "\n")
             f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns) + "\n")
 
+
+def clock(device) -> float:
+    """Seconds, once the device has finished its queued work: per-phase timings, a few per episode."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------- checkpoints and failures (SPEC section 8)
+def rng_states() -> dict:
+    """Every random state of a run: Python, NumPy, torch (CPU and CUDA) and VMAS's own, which VMAS swaps in around
+    each reset and step. NumPy states are kept as plain lists, so checkpoints load with weights_only=True."""
+    def plain(np_state):
+        return (np_state[0], np_state[1].tolist(), *np_state[2:])
+    vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
+    return dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                vmas=(vmas_torch, plain(vmas_numpy), vmas_python))
+
+
+def set_rng_states(rng: dict):
+    def array(np_state):
+        return (np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:])
+    random.setstate(rng["python"])
+    np.random.set_state(array(rng["numpy"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    VmasEnvironment.vmas_random_state[:] = [rng["vmas"][0], array(rng["vmas"][1]), rng["vmas"][2]]
+
+
+def load_checkpoint(path: str, args: Args, modules: dict) -> dict:
+    """Load networks, optimisers and RNG states into `modules` (name -> object with load_state_dict), after checking
+    that the checkpoint is readable and was written by this script for the same scenario, agents and architecture."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        episode, rng = state["episode"], state["rng"]
+    except Exception:
+        sys.exit(f"error: checkpoint {path} is truncated or not a checkpoint")
+    for key, ours in (("algorithm", ALGORITHM), ("scenario", args.scenario), ("n_agents", args.n_agents),
+                      ("arch", args.arch)):
+        if state.get(key) != ours:
+            sys.exit(f"error: checkpoint {path} was written with {key} {state.get(key)}, not {ours}")
+    if args.episodes and args.episodes <= episode:
+        sys.exit(f"error: checkpoint {path} is at episode {episode}: --episodes must be larger to resume")
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    set_rng_states(rng)
+    return state
+
+
+def evaluate_checkpoint(args: Args, policy_mean, env):
+    """--episodes 0: evaluate the loaded policy once and, with --capture-video, write <checkpoint>.gif beside it."""
+    metrics, extras = evaluate(policy_mean, env, args.eval_steps, args.stop_return, render=args.capture_video)
+    print(f"{args.checkpoint}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.capture_video:
+        save_gif(extras["frames"], os.path.splitext(args.checkpoint)[0] + ".gif")
+        print(f"wrote {os.path.splitext(args.checkpoint)[0]}.gif")
+
+
+class NonFiniteGuard:
+    """Applies an optimiser step only if the loss and the gradient are finite, and counts the skipped ones."""
+
+    limit = 10  # this many skipped updates in a row end the run
+
+    def __init__(self):
+        self.skipped = self.in_row = 0
+
+    def step(self, optimizer, loss, params, max_grad_norm: float = math.inf):
+        grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if torch.isfinite(loss + grad_norm):  # one host synchronisation per update, never per simulator step
+            optimizer.step()
+            self.in_row = 0
+        else:
+            self.skipped, self.in_row = self.skipped + 1, self.in_row + 1
+        return grad_norm
+
+
+class Run:
+    """The run's folder, logs, checkpoints and stop requests (SPEC section 8). A new run gets a new folder under
+    runs/; a resumed one continues in its checkpoint's folder. Ctrl-C or SIGTERM ends the run after the current
+    episode, with last.pt written; a second one aborts at once."""
+
+    def __init__(self, args: Args, modules: dict, checkpoint: dict | None):
+        self.modules, self.args = modules, args  # networks and optimisers by name, all saved in checkpoints
+        self.episode, self.best = (checkpoint["episode"], checkpoint["best"]) if checkpoint else (0, -math.inf)
+        if checkpoint:
+            self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
+        else:
+            self.dir = os.path.join("runs", f"{args.scenario}__{args.n_agents}__{args.arch}__{args.exp_name}__"
+                                            f"{args.seed}__{int(time.time())}")
+            os.makedirs(self.dir)
+            with open(os.path.join(self.dir, "args.json"), "w") as f:
+                json.dump(asdict(args) | {"algorithm": ALGORITHM}, f, indent=2)
+        resume = self.episode if checkpoint else None
+        self.train_log = CSVLog(os.path.join(self.dir, "train.csv"), resume)
+        self.eval_log = CSVLog(os.path.join(self.dir, "eval.csv"), resume)
+        self.start = time.time() - (checkpoint["elapsed"] if checkpoint else 0.0)
+        self.last_print, self.last_eval, self.stop_signal = time.time(), {}, None
+        self.guard = NonFiniteGuard()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"{self.stop_signal}: stopping after this episode (again to abort at once)", flush=True)
+
+    def save(self, name: str, episode: int):
+        """Write a checkpoint atomically: a temporary file, then a rename, so a kill never leaves a broken one."""
+        state = dict(algorithm=ALGORITHM, scenario=self.args.scenario, n_agents=self.args.n_agents,
+                     arch=self.args.arch, episode=episode, best=self.best, elapsed=time.time() - self.start,
+                     rng=rng_states(), **{name: module.state_dict() for name, module in self.modules.items()})
+        path = os.path.join(self.dir, name)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def log_train(self, episode: int, row: dict):
+        """One train.csv row; ends the run if updates keep failing; a progress line every 5 seconds."""
+        elapsed, global_step = time.time() - self.start, episode * self.args.num_envs * self.args.num_steps
+        self.train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, **row,
+                                  skipped_updates=self.guard.skipped, sps=global_step / elapsed))
+        self.guard.skipped = 0
+        if self.guard.in_row >= self.guard.limit:  # last.pt is left as it was: the last good one
+            last = os.path.join(self.dir, "last.pt")
+            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode "
+                     f"{episode}); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else
+                                        "no checkpoint had been written yet"))
+        if time.time() - self.last_print > 5:
+            self.last_print = time.time()
+            print(f"episode {episode} sps {global_step / elapsed:.0f} train_return {row['train_return']:.3f} "
+                  f"last eval {self.last_eval.get('normalized_return', math.nan):.3f}", flush=True)
+
+    def log_eval(self, episode: int, metrics: dict, frames=None) -> bool:
+        """One eval.csv row, a GIF with --capture-video, best.pt and last.pt; True when the run should stop early."""
+        self.last_eval = metrics
+        global_step = episode * self.args.num_envs * self.args.num_steps
+        self.eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - self.start, **metrics))
+        print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+        if frames:
+            os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
+            save_gif(frames, os.path.join(self.dir, "videos", f"episode_{episode}.gif"))
+        if metrics["normalized_return"] > self.best:
+            self.best = metrics["normalized_return"]
+            self.save("best.pt", episode)
+        self.save("last.pt", episode)
+        if metrics["solved_fraction"] >= self.args.stop_fraction:
+            print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
+                  f"reached {self.args.stop_return:.0%} of max_return")
+            return True
+        return False
+
+    def finish(self, episode: int):
+        """At the end (budget, early stop or a stop signal): last.pt and, with --save-model, the networks alone."""
+        self.save("last.pt", episode)
+        if self.args.save_model:
+            torch.save({name: module.state_dict() for name, module in self.modules.items()
+                        if isinstance(module, nn.Module)}, os.path.join(self.dir, "final.pt"))
+        reason = f"stopped by {self.stop_signal}" if self.stop_signal else "done"
+        print(f"{reason} at episode {episode} after {time.time() - self.start:.0f} s: {self.dir}")
 
 # ---------------------------------------------------------------- SHAC (SPEC section 6)
 def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
@@ -255,7 +448,8 @@ def action_penalty(mean, low: float = -1.0, high: float = 1.0):
     return (mean - high).clamp(min=0) ** 2 + (low - mean).clamp(min=0) ** 2
 
 
-def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated, args: Args) -> dict:
+def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated, args: Args,
+                guard: NonFiniteGuard) -> dict:
     """One Adam step on the SHAC policy loss (paper section 2.3) plus the action-bound penalty (section 3).
     Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions; means (T, N, n, 2)
     the policy means; alive (T, N): not terminated before step t; terminated (T, N): terminated at step t."""
@@ -271,8 +465,7 @@ def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated
     loss = -window_return + args.alpha * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
-    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-    optimizer.step()
+    grad_norm = guard.step(optimizer, loss, policy.parameters(), args.max_grad_norm)
     return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
                 mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
 
@@ -285,14 +478,14 @@ def cut_graph(env):
         package.global_shaping = package.global_shaping.detach()
 
 
-def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: int):
+def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: int, guard: NonFiniteGuard):
     """Regress V on the TD(lambda) targets of the current rollout (SPEC section 6); obs (M, n, o), targets (M, n)."""
     for _ in range(epochs):
         for idx in torch.randperm(len(obs), device=obs.device).chunk(minibatches):
             loss = ((value_model(obs[idx]).squeeze(-1) - targets[idx]) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            guard.step(optimizer, loss, value_model.parameters())
     return loss.detach()
 
 
@@ -311,13 +504,13 @@ if __name__ == "__main__":
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     policy_opt, value_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate) for m in (policy, value_model))
 
-    run_name = f"{args.scenario}__{n}__{args.arch}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    train_log, eval_log = CSVLog(os.path.join(run_dir, "train.csv")), CSVLog(os.path.join(run_dir, "eval.csv"))
-    print(f"run {run_name} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps")
+    modules = dict(policy=policy, value_model=value_model, policy_opt=policy_opt, value_opt=value_opt)
+    checkpoint = load_checkpoint(args.checkpoint, args, modules) if args.checkpoint else None
+    if args.episodes == 0:  # evaluation only
+        evaluate_checkpoint(args, policy, eval_env)
+        sys.exit(0)
+    run = Run(args, modules, checkpoint)
+    print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
 
     # rollout storage, time first, preallocated
     obs_buf = torch.zeros(T + 1, N, n, obs_dim, device=device)
@@ -325,11 +518,10 @@ if __name__ == "__main__":
     term_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
     alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
 
-    start = last_print = time.time()
-    last_eval = {}
-    for episode in range(1, args.episodes + 1):
+    for episode in range(run.episode + 1, args.episodes + 1):
         # ---- rollout through the differentiable simulator: rewards and observations carry the actions' gradient
-        if episode == 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
+        t0 = clock(device)
+        if episode == run.episode + 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
             obs, _ = reset(env)
             done = torch.zeros(N, dtype=torch.bool, device=device)
         cut_graph(env)
@@ -349,38 +541,30 @@ if __name__ == "__main__":
         rew_buf.copy_(rewards.detach())
 
         # ---- policy step on the true rewards and V(s_T), gradients through the physics (SPEC section 6)
-        stats = policy_step(policy, policy_opt, rewards, value_model(obs).squeeze(-1), means, alive_buf, term_buf, args)
+        t1 = clock(device)
+        stats = policy_step(policy, policy_opt, rewards, value_model(obs).squeeze(-1), means, alive_buf, term_buf, args,
+                            run.guard)
 
         # ---- value: TD(lambda) targets of this rollout, trained every episode (original SHAC)
+        t2 = clock(device)
         with torch.no_grad():
             values = value_model(obs_buf).squeeze(-1)
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
         stats["value_loss"] = fit_value(value_model, value_opt, obs_buf[:-1][alive_buf], targets[alive_buf],
-                                        args.value_epochs, args.value_minibatches)
+                                        args.value_epochs, args.value_minibatches, run.guard)
 
-        # ---- log: one row per episode (the only host synchronisation of the episode)
-        elapsed = time.time() - start
+        # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
+        t3 = clock(device)
         train_return = (rew_buf.sum(-1) * alive_buf).sum(0).mean().item()
-        global_step = episode * N * T
         row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
-        train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, train_return=train_return, **row,
-                             sps=global_step / elapsed))
+        run.log_train(episode, dict(train_return=train_return, **row, rollout_time=t1 - t0, policy_time=t2 - t1,
+                                    value_time=t3 - t2))
 
-        # ---- evaluation and early stopping (SPEC section 3)
+        # ---- evaluation, checkpoints and early stopping (SPEC sections 3 and 8)
         if episode % args.eval_every == 0 or episode == args.episodes:
-            last_eval, _ = evaluate(policy, eval_env, args.eval_steps, args.stop_return)
-            eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - start, **last_eval))
-            print(f"eval episode {episode}: return {last_eval['eval_return']:.3f} / {last_eval['max_return']:.3f} "
-                  f"normalized {last_eval['normalized_return']:.3f} solved {last_eval['solved_fraction']:.3f}")
-            if last_eval["solved_fraction"] >= args.stop_fraction:
-                print(f"early stop at episode {episode}: {last_eval['solved_fraction']:.0%} of evaluation environments "
-                      f"reached {args.stop_return:.0%} of max_return")
+            metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+            if run.log_eval(episode, metrics | dict(eval_time=clock(device) - t3), extras.get("frames")):
                 break
-        if time.time() - last_print > 5:
-            last_print = time.time()
-            print(f"episode {episode} sps {global_step / elapsed:.0f} train_return {train_return:.3f} "
-                  f"last eval {last_eval.get('normalized_return', float('nan')):.3f}")
-
-    if args.save_model:
-        torch.save({"policy": policy.state_dict(), "value_model": value_model.state_dict()}, os.path.join(run_dir, "final.pt"))
-    print(f"done in {time.time() - start:.0f} s: {run_dir}")
+        if run.stop_signal:
+            break
+    run.finish(episode)

@@ -130,7 +130,7 @@ def test_policy_update_leaves_models_alone(arch):
 
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     r_hat, v_hat = shacpp.imagine(world, reward, value, obs, actions)
-    stats = shacpp.policy_step(policy, opt, r_hat, v_hat, means, alive, terminated, args)
+    stats = shacpp.policy_step(policy, opt, r_hat, v_hat, means, alive, terminated, args, shacpp.NonFiniteGuard())
     assert torch.isfinite(stats["policy_loss"]) and stats["grad_norm"] > 0
     assert any((policy.state_dict()[k] != v).any() for k, v in policy_before.items())  # the policy moved
     for m, b in zip(models, before):
@@ -167,7 +167,7 @@ def test_policy_loss_masks_after_termination():
             v.out.weight.mul_(scale_value)  # changes dV/ds, hence the gradient through the bootstrap
         opt = torch.optim.SGD(p.parameters(), lr=0.0)
         r_hat, v_hat = shacpp.imagine(world, reward, v, obs, actions)
-        shacpp.policy_step(p, opt, r_hat, v_hat, means, alive, terminated, args)
+        shacpp.policy_step(p, opt, r_hat, v_hat, means, alive, terminated, args, shacpp.NonFiniteGuard())
         return torch.cat([q.grad.flatten() for q in p.parameters()])
 
     alive = torch.tensor([[True, True], [False, True], [False, True]])

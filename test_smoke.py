@@ -18,9 +18,12 @@ TINY = ["--episodes", "3", "--num-envs", "8", "--num-steps", "4", "--eval-every"
         "--eval-steps", "8"]
 
 
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only adds contention on a busy machine
+
+
 def run_script(script, args, cwd):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=ENV)
 
 
 def read_csv(path):
@@ -58,6 +61,7 @@ def test_end_to_end(script, scenario, n, arch, tmp_path):
     for row in evals + [train[1]]:  # episode 2 trains every model; other rows leave untrained models' columns nan
         assert all(math.isfinite(float(v)) for v in row.values()), row
     assert os.path.exists(os.path.join(run_dir, "args.json"))
+    assert os.path.exists(os.path.join(run_dir, "last.pt")) and os.path.exists(os.path.join(run_dir, "best.pt"))
 
 
 @pytest.mark.parametrize("scenario", ["dispersion", "discovery"])
@@ -152,9 +156,9 @@ def test_dispersion_agents_start_on_circle():
 
 
 def blocks(path):
-    """The shared blocks of a training script: parse_args through CSVLog (SPEC section 10)."""
+    """The shared blocks of a training script: parse_args through Run (SPEC section 10)."""
     text = open(os.path.join(HERE, path)).read()
-    return text[text.index("def parse_args"):text.index("\n# ----", text.index("class CSVLog"))]
+    return text[text.index("def parse_args"):text.index("\n# ----", text.index("class Run"))]
 
 
 def test_shared_blocks_identical():

@@ -1,0 +1,53 @@
+"""plot.py on a synthetic runs folder: seeds grouped, a run still going, a run with no evaluation yet."""
+import json
+import os
+import subprocess
+import sys
+
+from test_smoke import ENV, HERE
+
+HEADER = "episode,global_step,time,eval_return,max_return,normalized_return,solved_fraction\n"
+
+
+def fake_run(root, algorithm, scenario, seed, returns, tail=""):
+    run = root / f"{scenario}__1__mlp__{algorithm}__{seed}__{1000 + seed}"
+    run.mkdir(parents=True)
+    args = dict(exp_name=algorithm, seed=seed, scenario=scenario, n_agents=1, arch="mlp", episodes=100,
+                checkpoint="", algorithm=algorithm)
+    (run / "args.json").write_text(json.dumps(args))
+    if returns is not None:
+        lines = [f"{10 * (i + 1)},{320 * (i + 1)},{1.5 * (i + 1)},{r},1,{r},0\n" for i, r in enumerate(returns)]
+        (run / "eval.csv").write_text(HEADER + "".join(lines) + tail)
+    return run
+
+
+def test_plot_groups_seeds_and_prints_table(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "ppo", "dispersion", 1, [0.1, 0.5, 0.4])
+    fake_run(runs, "ppo", "dispersion", 2, [0.2, 0.3])
+    fake_run(runs, "shacpp", "dispersion", 1, [0.6, 0.9])
+    fake_run(runs, "shacpp", "dispersion", 2, [0.7], tail="20,640,3")  # still going: half-written last line
+    fake_run(runs, "shac", "transport", 1, [0.25])
+    empty = fake_run(runs, "shac", "transport", 2, None)  # no evaluation yet
+    for x in ("episodes", "steps", "time"):
+        out = subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), str(runs), "--x", x, "--out",
+                              str(tmp_path / f"{x}.png"), "--pdf"], capture_output=True, text=True, env=ENV)
+        assert out.returncode == 0, out.stderr
+        assert os.path.getsize(tmp_path / f"{x}.png") > 10_000 and os.path.exists(tmp_path / f"{x}.pdf")
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"skipping {empty}: no evaluation yet"
+    assert lines[1:5] == [
+        "| scenario | agents | ppo mlp | shac mlp | shacpp mlp |",
+        "|---|---|---|---|---|",
+        "| dispersion | 1 | 0.400 (2) |  | **0.800** (2) |",  # mean over seeds of each seed's best
+        "| transport | 1 |  | **0.250** (1) |  |",
+    ]
+
+
+def test_plot_says_when_it_found_nothing(tmp_path):
+    fake_run(tmp_path, "ppo", "dispersion", 1, None)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), str(tmp_path)], capture_output=True,
+                         text=True, env=ENV, cwd=tmp_path)
+    assert out.returncode != 0
+    assert out.stderr.strip() == f"error: found no run with an evaluation under {tmp_path}"
+    assert not os.path.exists(tmp_path / "results.png")
