@@ -1,7 +1,10 @@
 """Throughput benchmark: env steps per second of a training script next to raw VMAS stepping of the same
-configuration, measured in one run.  Example: python bench.py --script ppo.py --scenarios dispersion transport"""
+configuration, measured in one run.  Example: python bench.py --script ppo.py --scenarios dispersion transport
+With --shacpp-steady: SHAC++ seconds per episode at the paper's settings once the caches are full, from measured
+phase costs (see shacpp_steady_state)."""
 import csv
 import glob
+import itertools
 import os
 import statistics
 import subprocess
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
+
+import shacpp
 
 from ppo import make_env, reset, step  # the environment factory is identical in every training script
 
@@ -24,8 +29,8 @@ class Args:
     """scenarios to measure"""
     n_agents: list[int] = field(default_factory=lambda: [1, 3])
     """agent counts to measure"""
-    arch: str = "mlp"
-    """architecture passed to the training script"""
+    arch: list[str] = field(default_factory=lambda: ["mlp"])
+    """architectures to measure"""
     num_envs: int = 512
     """parallel environments (the paper's 512)"""
     num_steps: int = 32
@@ -34,6 +39,10 @@ class Args:
     """training episodes per measurement; the first fifth is dropped as warm-up"""
     extra: str = ""
     """further arguments for the training script, as one string"""
+    shacpp_steady: bool = False
+    """measure SHAC++ in steady state (full caches) instead of a script's throughput"""
+    repeats: int = 3
+    """--shacpp-steady: timed training steps per model (median)"""
 
 
 def raw_seconds_per_rollout(scenario: str, n: int, num_envs: int, num_steps: int, rollouts: int = 10) -> float:
@@ -49,27 +58,78 @@ def raw_seconds_per_rollout(scenario: str, n: int, num_envs: int, num_steps: int
     return statistics.median(times)
 
 
-def train_seconds_per_episode(args: Args, scenario: str, n: int) -> float:
-    """Median seconds per training episode (rollout and updates) from the script's own train.csv."""
+def train_log(args: Args, script: str, scenario: str, n: int, arch: str, extra: list[str]) -> list[dict]:
+    """The train.csv rows of a short run of a training script (no evaluation)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, os.path.abspath(args.script), "--scenario", scenario, "--n-agents", str(n), "--arch",
-               args.arch, "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps), "--episodes",
-               str(args.episodes), "--eval-every", str(10 ** 9), "--eval-steps", "1", *args.extra.split()]
+        cmd = [sys.executable, os.path.abspath(script), "--scenario", scenario, "--n-agents", str(n), "--arch", arch,
+               "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps), "--episodes",
+               str(args.episodes), "--eval-every", str(10 ** 9), "--eval-steps", "1", *extra]
         subprocess.run(cmd, cwd=tmp, check=True, capture_output=True)
         (path,) = glob.glob(os.path.join(tmp, "runs", "*", "train.csv"))
         with open(path) as f:
-            t = [float(row["time"]) for row in csv.DictReader(f)]
-    deltas = [b - a for a, b in zip(t, t[1:])][args.episodes // 5:]
-    return statistics.median(deltas)
+            return list(csv.DictReader(f))
+
+
+def train_seconds_per_episode(args: Args, scenario: str, n: int, arch: str) -> float:
+    """Median seconds per training episode (rollout and updates) from the script's own train.csv."""
+    t = [float(row["time"]) for row in train_log(args, args.script, scenario, n, arch, args.extra.split())]
+    return statistics.median([b - a for a, b in zip(t, t[1:])][args.episodes // 5:])
+
+
+def seconds_per_step(model, loss_fn, repeats: int) -> float:
+    """Median seconds of one Adam step of `model` on `loss_fn()` (a fresh random minibatch each time)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def shacpp_steady_state(args: Args, scenario: str, n: int, arch: str) -> dict:
+    """SHAC++ at the paper's settings once its caches are full (30000 items each, 10 epochs of minibatches of 1000,
+    every 10 episodes): the policy episode (rollout, imagination, policy step) is the median of a real run's
+    rollout_time + policy_time; each model's training step is timed on random data of the real shapes, and a full
+    cache costs 10 x 30 such steps per model, once per 10 episodes."""
+    rows = train_log(args, "shacpp.py", scenario, n, arch, ["--world-every", "1000000", "--reward-every", "1000000",
+                                                           "--value-every", "1000000"])
+    policy = statistics.median(float(r["rollout_time"]) + float(r["policy_time"]) for r in rows[2:])
+    obs_dim = make_env(scenario, n, 1, "cpu", seed=0).observation_space[0].shape[0]
+    B, T = 1000, args.num_steps
+    world, reward = shacpp.WorldModel(n, obs_dim, T), shacpp.RewardModel(arch, n, obs_dim)
+    value = shacpp.make_network(arch, n, obs_dim, 1)
+    steps = {
+        "world": seconds_per_step(world, lambda: world(torch.randn(B, n, obs_dim), torch.randn(B, T, n, 2)).square()
+                                  .mean(), args.repeats),
+        "reward": seconds_per_step(reward, lambda: reward(torch.randn(B, n, obs_dim), torch.randn(B, n, 2),
+                                                          torch.randn(B, n, obs_dim)).square().mean(), args.repeats),
+        "value": seconds_per_step(value, lambda: value(torch.randn(B, n, obs_dim)).square().mean(), args.repeats),
+    }
+    per_training = 10 * 30000 // B  # epochs x batches of a full cache
+    return dict(policy=policy, **steps, episode=policy + per_training * sum(steps.values()) / 10)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    print(f"| scenario | agents | raw VMAS steps/s | {args.script} steps/s | ratio | {args.script} s/episode |")
-    print("|---|---|---|---|---|---|")
-    for scenario in args.scenarios:
-        for n in args.n_agents:
-            raw = args.num_envs * args.num_steps / raw_seconds_per_rollout(scenario, n, args.num_envs, args.num_steps)
-            per_episode = train_seconds_per_episode(args, scenario, n)
-            train = args.num_envs * args.num_steps / per_episode
-            print(f"| {scenario} | {n} | {raw:,.0f} | {train:,.0f} | {train / raw:.2f} | {per_episode:.3f} |", flush=True)
+    if args.shacpp_steady:
+        print("| scenario | agents | arch | raw VMAS s/rollout | policy episode s | world / reward / value step s "
+              "| s/episode, steady state |")
+        print("|---|---|---|---|---|---|---|")
+    else:
+        print(f"| scenario | agents | arch | raw VMAS steps/s | {args.script} steps/s | ratio | s/episode |")
+        print("|---|---|---|---|---|---|---|")
+    for scenario, n, arch in itertools.product(args.scenarios, args.n_agents, args.arch):
+        raw_rollout = raw_seconds_per_rollout(scenario, n, args.num_envs, args.num_steps)
+        if args.shacpp_steady:
+            c = shacpp_steady_state(args, scenario, n, arch)
+            print(f"| {scenario} | {n} | {arch} | {raw_rollout:.3f} | {c['policy']:.3f} | {c['world']:.3f} / "
+                  f"{c['reward']:.3f} / {c['value']:.3f} | {c['episode']:.2f} |", flush=True)
+            continue
+        raw = args.num_envs * args.num_steps / raw_rollout
+        per_episode = train_seconds_per_episode(args, scenario, n, arch)
+        train = args.num_envs * args.num_steps / per_episode
+        print(f"| {scenario} | {n} | {arch} | {raw:,.0f} | {train:,.0f} | {train / raw:.2f} | {per_episode:.3f} |",
+              flush=True)

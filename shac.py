@@ -502,7 +502,8 @@ if __name__ == "__main__":
 
     policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
-    policy_opt, value_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate) for m in (policy, value_model))
+    policy_opt, value_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
+                             for m in (policy, value_model))
 
     modules = dict(policy=policy, value_model=value_model, policy_opt=policy_opt, value_opt=value_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules) if args.checkpoint else None

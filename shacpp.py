@@ -609,7 +609,8 @@ if __name__ == "__main__":
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
     world_model = WorldModel(n, obs_dim, T).to(device)  # F(s_0, a_0..a_{T-1})
     policy_opt, value_opt, reward_opt, world_opt = (
-        torch.optim.Adam(m.parameters(), lr=args.learning_rate) for m in (policy, value_model, reward_model, world_model))
+        torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
+        for m in (policy, value_model, reward_model, world_model))
     world_cache = BinnedCache(args.world_cache, args.world_bins, device)
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
     value_cache = BinnedCache(args.value_cache, args.value_bins, device)

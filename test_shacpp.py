@@ -140,7 +140,8 @@ def test_policy_update_leaves_models_alone(arch):
 
     # a later model update is exactly what it would have been without the policy step
     inputs = [(torch.randn(N, n, obs_dim), torch.randn(N, T, n, 2)),
-              (torch.randn(N, n, obs_dim), torch.randn(N, n, 2), torch.randn(N, n, obs_dim)), (torch.randn(N, n, obs_dim),)]
+              (torch.randn(N, n, obs_dim), torch.randn(N, n, 2), torch.randn(N, n, obs_dim)),
+              (torch.randn(N, n, obs_dim),)]
     for m, o, twin, twin_o, inp in zip(models, model_opts, twins, twin_opts, inputs):
         for model, optimizer in ((m, o), (twin, twin_o)):
             optimizer.zero_grad()
