@@ -75,16 +75,20 @@ def group(runs: list[str]) -> dict:
 
 
 def curve(seeds, x: str):
-    """Mean and standard deviation over the seeds at each evaluated episode (over the seeds that reached it);
-    x is the mean over those seeds of the chosen column."""
-    by_episode = defaultdict(list)
-    for _, rows in seeds:
+    """Mean and standard deviation over the seeds at each evaluated episode. A seed that stopped early (its last
+    evaluation met the early-stop rule) keeps its last return afterwards; a seed still going counts only where it
+    got to. x is the mean of the chosen column over the seeds that really evaluated there."""
+    by_episode, stopped = defaultdict(list), []
+    for args, rows in seeds:
         for row in rows:
             by_episode[row["episode"]].append(row)
+        if rows[-1]["solved_fraction"] >= args.get("stop_fraction", 0.9):
+            stopped.append(rows[-1])
     xs, means, stds = [], [], []
     for episode in sorted(by_episode):
         rows = by_episode[episode]
-        values = [r["normalized_return"] for r in rows]
+        values = [r["normalized_return"] for r in rows] + [r["normalized_return"] for r in stopped
+                                                             if r["episode"] < episode]
         mean = sum(values) / len(values)
         xs.append(sum(r[COLUMN[x]] for r in rows) / len(rows))
         means.append(mean)
@@ -130,7 +134,9 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
         for seeds in sorted(members, key=lambda s: (label(s[0][0]), s[0][0]["arch"])):
             args = seeds[0][0]
             xs, means, stds = curve(seeds, x)
-            line, = ax.plot(xs, means, STYLES[args["arch"]], color=COLOURS.get(label(args)),
+            variant = label(args) != args.get("algorithm")  # e.g. a reduced configuration: same colour, crosses
+            line, = ax.plot(xs, means, STYLES[args["arch"]], marker="x" if variant else ".", markersize=4,
+                            color=COLOURS.get(args.get("algorithm")), alpha=0.6 if variant else 1.0,
                             label=f"{label(args)} {args['arch']} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.2, linewidth=0)

@@ -583,7 +583,7 @@ def imagine(world_model, reward_model, value_model, obs, actions):
 
 def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int, guard: NonFiniteGuard):
     """Train a model for `epochs` passes' worth of minibatches drawn from its cache (SPEC section 5.4)."""
-    loss = accuracy = torch.tensor(math.nan)  # an empty cache (right after a resume) trains nothing
+    loss = accuracy = torch.tensor(math.nan, device=cache.device)  # an empty cache (after a resume) trains nothing
     for _ in range(epochs * math.ceil(len(cache) / minibatch)):
         loss, accuracy = loss_and_accuracy(cache.sample(minibatch))
         optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+import plot
 from test_smoke import ENV, HERE
 
 HEADER = "episode,global_step,time,eval_return,max_return,normalized_return,solved_fraction\n"
@@ -51,3 +54,16 @@ def test_plot_says_when_it_found_nothing(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip() == f"error: found no run with an evaluation under {tmp_path}"
     assert not os.path.exists(tmp_path / "results.png")
+
+
+def test_curve_keeps_early_stopped_seed():
+    """A seed that early-stopped keeps its last return in the mean; one still going counts only where it got to."""
+    def row(episode, ret, solved):
+        return dict(episode=episode, global_step=episode * 10, time=episode, normalized_return=ret,
+                    solved_fraction=solved)
+    stopped = ({"stop_fraction": 0.9}, [row(10, 0.2, 0.0), row(20, 0.8, 0.95)])
+    going = ({"stop_fraction": 0.9}, [row(10, 0.4, 0.0), row(20, 0.4, 0.0), row(30, 0.6, 0.0)])
+    partial = ({"stop_fraction": 0.9}, [row(10, 0.0, 0.0)])
+    xs, means, stds = plot.curve([stopped, going, partial], "episodes")
+    assert xs == [10, 20, 30]
+    assert means == pytest.approx([0.2, 0.6, 0.7]) and stds[2] == pytest.approx(0.1)
