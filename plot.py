@@ -144,6 +144,7 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out, dpi=90)
     if pdf:
         fig.savefig(os.path.splitext(out)[0] + ".pdf")
