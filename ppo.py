@@ -485,8 +485,6 @@ if __name__ == "__main__":
     # rollout storage, preallocated
     obs_buf = torch.zeros(T, N, n, obs_dim, device=device)
     act_buf = torch.zeros(T, N, n, 2, device=device)
-    logp_buf = torch.zeros(T, N, n, device=device)
-    val_buf = torch.zeros(T, N, n, device=device)
     rew_buf = torch.zeros(T, N, n, device=device)
     done_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
     alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
@@ -498,16 +496,15 @@ if __name__ == "__main__":
             obs, _ = reset(env)
             done = torch.zeros(N, dtype=torch.bool, device=device)
         with torch.no_grad():
-            for t in range(T):
-                dist = policy.dist(obs)
-                action = dist.sample()
+            for t in range(T):  # only what the next action needs; log-probabilities and values are batched below
+                action = policy.dist(obs).sample()
                 obs_buf[t], act_buf[t], alive_buf[t] = obs, action, ~done
-                logp_buf[t] = dist.log_prob(action).sum(-1)  # log-probability of the unclamped sample
-                val_buf[t] = value_model(obs).squeeze(-1)
                 obs, rew_buf[t], dones = step(env, action.clamp(-1.0, 1.0))
                 done_buf[t] = dones & ~done  # terminated at this step
                 done = done | dones
-            next_value = value_model(obs).squeeze(-1)
+            logp_buf = policy.dist(obs_buf).log_prob(act_buf).sum(-1)  # log-probability of the unclamped sample
+            values = value_model(torch.cat([obs_buf, obs[None]])).squeeze(-1)  # V(s_0..s_T) in one call
+            val_buf, next_value = values[:-1], values[-1]
             advantages, returns = gae(rew_buf, val_buf, next_value, done_buf.unsqueeze(-1), args.gamma, args.lam)
 
         # ---- PPO update over (step, environment) samples; steps after a termination are masked out
