@@ -314,8 +314,11 @@ def load_checkpoint(path: str, args: Args, modules: dict) -> dict:
             sys.exit(f"error: checkpoint {path} was written with {key} {state.get(key)}, not {ours}")
     if args.episodes and args.episodes <= episode:
         sys.exit(f"error: checkpoint {path} is at episode {episode}: --episodes must be larger to resume")
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    except (KeyError, RuntimeError, ValueError) as e:  # e.g. shacpp's world model saved for another --num-steps
+        sys.exit(f"error: checkpoint {path} does not fit these networks: {' '.join(str(e).split())}")
     set_rng_states(rng)
     return state
 

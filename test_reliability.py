@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import ppo
 import shac
+import shacpp
 from test_smoke import ENV, HERE, SCRIPTS, read_csv, run_script
 
 TINY = ["--num-envs", "8", "--num-steps", "4", "--eval-every", "5", "--eval-envs", "4", "--eval-steps", "8"]
@@ -179,3 +180,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run.save("last.pt", 2)
     assert torch.load(os.path.join(run.dir, "last.pt"), weights_only=True)["episode"] == 1
+
+
+def test_checkpoint_for_other_network_shapes(tmp_path):
+    """shacpp's world model depends on --num-steps: a checkpoint for another horizon is refused in one line."""
+    path = str(tmp_path / "last.pt")
+    torch.save(dict(algorithm="shacpp", scenario="dispersion", n_agents=1, arch="mlp", episode=1, rng={},
+                    world_model=shacpp.WorldModel(1, 7, 4).state_dict()), path)
+    with pytest.raises(SystemExit) as stop:
+        shacpp.load_checkpoint(path, shacpp.Args(), dict(world_model=shacpp.WorldModel(1, 7, 5)))
+    message = str(stop.value)
+    assert message.startswith(f"error: checkpoint {path} does not fit these networks: ") and "\n" not in message
+    assert "size mismatch for step_embedding" in message
