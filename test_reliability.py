@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import bookkeeping
 import ppo
 import shac
 import shacpp
@@ -47,7 +48,7 @@ def test_same_seed_same_rows_and_resume(script, tmp_path):
     out = run_script(script, [*(["--scenario", "transport"] if script == "shac.py" else []), *SCRIPTS[script][0], *TINY,
                               "--episodes", "20", "--checkpoint", os.path.join(resumed, "last.pt")], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert f"from episode 11" in out.stdout
+    assert "from episode 11" in out.stdout
     train_rows, eval_rows = rows(resumed, "train.csv"), rows(resumed, "eval.csv")
     assert [r["episode"] for r in train_rows] == [str(e) for e in range(1, 21)]
     assert [r["episode"] for r in eval_rows] == ["5", "10", "15", "20"]
@@ -100,7 +101,7 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path):
 def test_guard_skips_non_finite_step():
     net = nn.Linear(3, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    guard = ppo.NonFiniteGuard()
+    guard = bookkeeping.NonFiniteGuard()
     before = [p.detach().clone() for p in net.parameters()]
     loss = net(torch.full((2, 3), float("nan"))).sum()
     loss.backward()
@@ -153,7 +154,7 @@ def test_bad_checkpoints_one_line(checkpoint, tmp_path):
     ]
     for script, fields, path, message in cases:
         with pytest.raises(SystemExit) as stop:
-            script.load_checkpoint(path, script.Args(**fields), modules)
+            bookkeeping.load_checkpoint(path, script.Args(**fields), modules, script.ALGORITHM)
         assert str(stop.value) == f"error: checkpoint {path} {message}"
     for args, message in ((["--checkpoint", str(tmp_path / "missing.pt")], f"error: checkpoint {tmp_path}/missing.pt "
                                                                          "does not exist"),
@@ -167,7 +168,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run = ppo.Run(ppo.Args(), dict(net=nn.Linear(2, 2)), None)
+        run = bookkeeping.Run(ppo.Args(), dict(net=nn.Linear(2, 2)), None, "ppo")
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -188,7 +189,7 @@ def test_checkpoint_for_other_network_shapes(tmp_path):
     torch.save(dict(algorithm="shacpp", scenario="dispersion", n_agents=1, arch="mlp", episode=1, rng={},
                     world_model=shacpp.WorldModel(1, 7, 4).state_dict()), path)
     with pytest.raises(SystemExit) as stop:
-        shacpp.load_checkpoint(path, shacpp.Args(), dict(world_model=shacpp.WorldModel(1, 7, 5)))
+        bookkeeping.load_checkpoint(path, shacpp.Args(), dict(world_model=shacpp.WorldModel(1, 7, 5)), "shacpp")
     message = str(stop.value)
     assert message.startswith(f"error: checkpoint {path} does not fit these networks: ") and "\n" not in message
     assert "size mismatch for step_embedding" in message

@@ -156,9 +156,9 @@ def test_dispersion_agents_start_on_circle():
 
 
 def blocks(path):
-    """The shared blocks of a training script: parse_args through Run (SPEC section 10)."""
+    """The shared blocks of a training script: parse_args through seed_everything (SPEC section 10)."""
     text = open(os.path.join(HERE, path)).read()
-    return text[text.index("def parse_args"):text.index("\n# ----", text.index("class Run"))]
+    return text[text.index("def parse_args"):text.index("\n# ----", text.index("def seed_everything"))]
 
 
 def test_shared_blocks_identical():
