@@ -97,6 +97,8 @@ class Args:
     """capacity of the value cache (states and targets)"""
     value_bins: int = 9
     """bins of the value cache (key: team value target)"""
+    world_residual: bool = False
+    """if toggled, the world model predicts s_t - s_0 and adds s_0 (the paper's model predicts s_t itself)"""
     world_tolerance: float = 0.05
     """a predicted observation element counts as accurate within this absolute error"""
     reward_tolerance: float = 0.1
@@ -255,10 +257,13 @@ def seed_everything(seed: int, deterministic: bool):
 # ---------------------------------------------------------------- SHAC++ (SPEC sections 4 and 5)
 class WorldModel(nn.Module):
     """Non-recursive action world model F(s_0, a_0..a_{T-1}) -> s_1..s_T, in one forward pass (paper section 3).
-    One token per (step, agent): step 0 holds the embedded s_0, step t >= 1 the embedded a_{t-1}."""
+    One token per (step, agent): step 0 holds the embedded s_0, step t >= 1 the embedded a_{t-1}.
+    residual: predict s_t - s_0 and add s_0, so an unchanged coordinate (a package nobody touches) is exact at 0."""
 
-    def __init__(self, n_agents: int, obs_dim: int, horizon: int, d_model: int = 64, ff: int = 128, layers: int = 3):
+    def __init__(self, n_agents: int, obs_dim: int, horizon: int, d_model: int = 64, ff: int = 128, layers: int = 3,
+                 residual: bool = False):
         super().__init__()
+        self.residual = residual
         self.embed_obs, self.embed_action = nn.Linear(obs_dim, d_model), nn.Linear(2, d_model)
         self.step_embedding = nn.Parameter(torch.zeros(horizon + 1, 1, d_model))
         nn.init.normal_(self.step_embedding, std=0.02)
@@ -276,7 +281,7 @@ class WorldModel(nn.Module):
         tokens = torch.cat([self.embed_obs(obs0).unsqueeze(1), self.embed_action(actions)], 1)
         tokens = self.norm(tokens + self.step_embedding)  # (B, T + 1, agents, d)
         h = self.encoder(tokens.flatten(1, 2), mask=self.mask).unflatten(1, tokens.shape[1:3])
-        return self.head(h[:, 1:])
+        return self.head(h[:, 1:]) + (obs0.unsqueeze(1) if self.residual else 0)
 
 
 class RewardModel(nn.Module):
@@ -407,7 +412,7 @@ if __name__ == "__main__":
     policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
-    world_model = WorldModel(n, obs_dim, T).to(device)  # F(s_0, a_0..a_{T-1})
+    world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
     policy_opt, value_opt, reward_opt, world_opt = (
         torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
         for m in (policy, value_model, reward_model, world_model))

@@ -8,10 +8,20 @@ import torch
 import shacpp
 
 
-def test_world_model_sees_no_later_step():
+def test_world_model_residual_adds_s0():
+    torch.manual_seed(0)
+    model = shacpp.WorldModel(2, 5, 4, residual=True)
+    obs0, actions = torch.randn(3, 2, 5), torch.randn(3, 4, 2, 2)
+    pred = model(obs0, actions)
+    model.residual = False
+    torch.testing.assert_close(pred, model(obs0, actions) + obs0.unsqueeze(1))  # s^_t = s_0 + head(h_t)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_world_model_sees_no_later_step(residual):
     torch.manual_seed(0)
     n, obs_dim, T = 3, 5, 6
-    model = shacpp.WorldModel(n, obs_dim, T)
+    model = shacpp.WorldModel(n, obs_dim, T, residual=residual)
     obs0, actions = torch.randn(2, n, obs_dim), torch.randn(2, T, n, 2)
     pred = model(obs0, actions)
     assert pred.shape == (2, T, n, obs_dim)  # pred[:, k] is s^_{k+1}

@@ -96,6 +96,28 @@ def test_bad_input_is_one_line(script, bad, message, tmp_path):
     assert not os.path.exists(tmp_path / "runs")  # refused before anything was built
 
 
+def test_diagnose_compares_gradients(tmp_path):
+    """diagnose.py on a tiny SHAC++ transport run (with the residual world model): one line per window."""
+    out = run_script("shacpp.py", ["--scenario", "transport", "--world-residual", *SCRIPTS["shacpp.py"][0], *TINY],
+                     tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "transport__*"))
+    out = run_script("diagnose.py", [run_dir, "--num-envs", "16", "--windows", "2"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    windows = [line for line in out.stdout.splitlines() if line.startswith("window ")]
+    assert len(windows) == 2 and all("of envs with a simulator gradient" in line for line in windows)
+    assert "nan" not in out.stdout
+
+
+def test_diagnose_refuses_non_differentiable_scenarios(tmp_path):
+    with open(tmp_path / "args.json", "w") as f:
+        f.write('{"algorithm": "shacpp", "scenario": "dispersion", "n_agents": 1, "arch": "mlp", "num_steps": 4}')
+    torch.save({"world_model": {}}, tmp_path / "last.pt")
+    out = run_script("diagnose.py", [str(tmp_path)], tmp_path)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        "error: dispersion has no differentiable reward in VMAS; use transport or sampling"]
+
+
 def naive_gae(rewards, values, next_value, dones, gamma, lam):
     """A_t = sum_k (gamma lam)^k delta_{t+k}, summed forward from t until a termination or the window end."""
     T = len(rewards)
