@@ -82,9 +82,17 @@ def set_rng_states(rng: dict):
     VmasEnvironment.vmas_random_state[:] = [rng["vmas"][0], array(rng["vmas"][1]), rng["vmas"][2]]
 
 
+STRUCTURE = ("scenario", "n_agents", "arch", "world_residual")  # what a checkpoint must share with a run to resume it
+
+
+def structure(args) -> dict:
+    return {key: getattr(args, key) for key in STRUCTURE if hasattr(args, key)}  # world_residual: shacpp.py only
+
+
 def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
     """Load networks, optimisers and RNG states into `modules` (name -> object with load_state_dict), after checking
-    that the checkpoint is readable and was written by `algorithm` for the same scenario, agents and architecture."""
+    that the checkpoint is readable and was written by `algorithm` for the same scenario, agents, architecture (and,
+    for shacpp.py, world-model parametrisation)."""
     if not os.path.isfile(path):
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
@@ -92,8 +100,7 @@ def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
         episode, rng = state["episode"], state["rng"]
     except Exception:
         sys.exit(f"error: checkpoint {path} is truncated or not a checkpoint")
-    for key, ours in (("algorithm", algorithm), ("scenario", args.scenario), ("n_agents", args.n_agents),
-                      ("arch", args.arch)):
+    for key, ours in (("algorithm", algorithm), *structure(args).items()):
         if state.get(key) != ours:
             sys.exit(f"error: checkpoint {path} was written with {key} {state.get(key)}, not {ours}")
     if args.episodes and args.episodes <= episode:
@@ -165,8 +172,8 @@ class Run:
 
     def save(self, name: str, episode: int):
         """Write a checkpoint atomically: a temporary file, then a rename, so a kill never leaves a broken one."""
-        state = dict(algorithm=self.algorithm, scenario=self.args.scenario, n_agents=self.args.n_agents,
-                     arch=self.args.arch, episode=episode, best=self.best, elapsed=time.time() - self.start,
+        state = dict(algorithm=self.algorithm, **structure(self.args), episode=episode, best=self.best,
+                     elapsed=time.time() - self.start,
                      rng=rng_states(), **{name: module.state_dict() for name, module in self.modules.items()})
         path = os.path.join(self.dir, name)
         torch.save(state, path + ".tmp")

@@ -258,7 +258,8 @@ def seed_everything(seed: int, deterministic: bool):
 class WorldModel(nn.Module):
     """Non-recursive action world model F(s_0, a_0..a_{T-1}) -> s_1..s_T, in one forward pass (paper section 3).
     One token per (step, agent): step 0 holds the embedded s_0, step t >= 1 the embedded a_{t-1}.
-    residual: predict s_t - s_0 and add s_0, so an unchanged coordinate (a package nobody touches) is exact at 0."""
+    residual: predict s_t - s_0 and add s_0, so an unchanged coordinate (a package nobody touches) is predicted
+    exactly when the head outputs 0."""
 
     def __init__(self, n_agents: int, obs_dim: int, horizon: int, d_model: int = 64, ff: int = 128, layers: int = 3,
                  residual: bool = False):

@@ -183,13 +183,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(os.path.join(run.dir, "last.pt"), weights_only=True)["episode"] == 1
 
 
-def test_checkpoint_for_other_network_shapes(tmp_path):
-    """shacpp's world model depends on --num-steps: a checkpoint for another horizon is refused in one line."""
+@pytest.mark.parametrize("horizon, residual, message", [
+    (4, False, "does not fit these networks: "),  # the world model depends on --num-steps
+    (5, True, "was written with world_residual True, not False"),  # resuming would change what it predicts
+])
+def test_checkpoint_for_another_world_model(horizon, residual, message, tmp_path):
+    """A shacpp checkpoint whose world model does not match the run's (--num-steps, --world-residual): one line."""
     path = str(tmp_path / "last.pt")
-    torch.save(dict(algorithm="shacpp", scenario="dispersion", n_agents=1, arch="mlp", episode=1, rng={},
-                    world_model=shacpp.WorldModel(1, 7, 4).state_dict()), path)
+    torch.save(dict(algorithm="shacpp", scenario="dispersion", n_agents=1, arch="mlp", world_residual=residual,
+                    episode=1, rng={}, world_model=shacpp.WorldModel(1, 7, horizon).state_dict()), path)
     with pytest.raises(SystemExit) as stop:
         bookkeeping.load_checkpoint(path, shacpp.Args(), dict(world_model=shacpp.WorldModel(1, 7, 5)), "shacpp")
-    message = str(stop.value)
-    assert message.startswith(f"error: checkpoint {path} does not fit these networks: ") and "\n" not in message
-    assert "size mismatch for step_embedding" in message
+    text = str(stop.value)
+    assert text.startswith(f"error: checkpoint {path} {message}") and "\n" not in text
+    if horizon != 5:
+        assert "size mismatch for step_embedding" in text

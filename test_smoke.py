@@ -96,26 +96,35 @@ def test_bad_input_is_one_line(script, bad, message, tmp_path):
     assert not os.path.exists(tmp_path / "runs")  # refused before anything was built
 
 
-def test_diagnose_compares_gradients(tmp_path):
-    """diagnose.py on a tiny SHAC++ transport run (with the residual world model): one line per window."""
-    out = run_script("shacpp.py", ["--scenario", "transport", "--world-residual", *SCRIPTS["shacpp.py"][0], *TINY],
+@pytest.mark.parametrize("scenario", ["transport", "sampling"])
+def test_diagnose_compares_gradients(scenario, tmp_path):
+    """diagnose.py on a tiny SHAC++ run (with the residual world model): one line per window, and on sampling, where
+    every reward responds to the actions, the comparison itself."""
+    out = run_script("shacpp.py", ["--scenario", scenario, "--world-residual", *SCRIPTS["shacpp.py"][0], *TINY],
                      tmp_path)
     assert out.returncode == 0, out.stderr
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "transport__*"))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{scenario}__*"))
     out = run_script("diagnose.py", [run_dir, "--num-envs", "16", "--windows", "2"], tmp_path)
     assert out.returncode == 0, out.stderr
     windows = [line for line in out.stdout.splitlines() if line.startswith("window ")]
     assert len(windows) == 2 and all("of envs with a simulator gradient" in line for line in windows)
     assert "nan" not in out.stdout
+    if scenario == "sampling":
+        assert all("there: cos(models, simulator) " in line and "random " in line for line in windows)
 
 
-def test_diagnose_refuses_non_differentiable_scenarios(tmp_path):
-    with open(tmp_path / "args.json", "w") as f:
-        f.write('{"algorithm": "shacpp", "scenario": "dispersion", "n_agents": 1, "arch": "mlp", "num_steps": 4}')
-    torch.save({"world_model": {}}, tmp_path / "last.pt")
+@pytest.mark.parametrize("content, message", [
+    (None, "has no readable args.json and shacpp.py checkpoint last.pt"),
+    ('{"algorithm": "shacpp", "scenario": "dispersion", "n_agents": 1, "arch": "mlp", "num_steps": 4}',
+     "error: dispersion has no differentiable reward in VMAS; use transport or sampling"),
+])
+def test_diagnose_bad_input_is_one_line(content, message, tmp_path):
+    if content is not None:
+        with open(tmp_path / "args.json", "w") as f:
+            f.write(content)
+        torch.save({"world_model": {}}, tmp_path / "last.pt")
     out = run_script("diagnose.py", [str(tmp_path)], tmp_path)
-    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
-        "error: dispersion has no differentiable reward in VMAS; use transport or sampling"]
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
 
 
 def naive_gae(rewards, values, next_value, dones, gamma, lam):
