@@ -20,6 +20,7 @@ COLUMN = {"episodes": "episode", "steps": "global_step", "time": "time"}
 LABEL = {"episodes": "episode", "steps": "environment steps", "time": "wall-clock seconds"}
 COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shacpp": "tab:red"}
 STYLES = {"mlp": "-", "transformer": "--"}
+VARIANT_MARKERS = ("x", "+", "^", "s", "v", "d")  # each variant of a panel has its own
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda"}  # runs differing only here are one group
 
 
@@ -131,11 +132,12 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
         if not members:
             ax.axis("off")
             continue
+        markers = itertools.cycle(VARIANT_MARKERS)
         for seeds in sorted(members, key=lambda s: (label(s[0][0]), s[0][0]["arch"])):
             args = seeds[0][0]
             xs, means, stds = curve(seeds, x)
-            variant = label(args) != args.get("algorithm")  # e.g. a reduced configuration: same colour, crosses
-            line, = ax.plot(xs, means, STYLES[args["arch"]], marker="x" if variant else ".", markersize=4,
+            variant = label(args) != args.get("algorithm")  # e.g. a reduced configuration: same colour, lighter
+            line, = ax.plot(xs, means, STYLES[args["arch"]], marker=next(markers) if variant else ".", markersize=4,
                             color=COLOURS.get(args.get("algorithm")), alpha=0.6 if variant else 1.0,
                             label=f"{label(args)} {args['arch']} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
