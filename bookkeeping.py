@@ -173,8 +173,8 @@ class Run:
     def save(self, name: str, episode: int):
         """Write a checkpoint atomically: a temporary file, then a rename, so a kill never leaves a broken one."""
         state = dict(algorithm=self.algorithm, **structure(self.args), episode=episode, best=self.best,
-                     elapsed=time.time() - self.start,
-                     rng=rng_states(), **{name: module.state_dict() for name, module in self.modules.items()})
+                     elapsed=time.time() - self.start, rng=rng_states(),
+                     **{name: module.state_dict() for name, module in self.modules.items()})
         path = os.path.join(self.dir, name)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)

@@ -86,14 +86,16 @@ if __name__ == "__main__":
     scenario, n, arch, T = run_args["scenario"], run_args["n_agents"], run_args["arch"], run_args["num_steps"]
     for key in ("scenario", "n_agents", "arch"):
         if key in checkpoint and checkpoint[key] != run_args[key]:
-            sys.exit(f"error: {args.checkpoint} was written with {key} {checkpoint[key]}, args.json says {run_args[key]}")
+            sys.exit(f"error: {args.checkpoint} was written with {key} {checkpoint[key]}, "
+                     f"args.json says {run_args[key]}")
     if scenario not in ("transport", "sampling"):
         sys.exit(f"error: {scenario} has no differentiable reward in VMAS; use transport or sampling")
-    env, obs, done = replay(scenario, n, args.num_envs, args.seed, [])
+    env, obs, _ = replay(scenario, n, args.num_envs, args.seed, [])
     obs_dim = env.observation_space[0].shape[0]
+    residual = checkpoint.get("world_residual", run_args.get("world_residual", False))  # older checkpoints lack it
     models = dict(policy=shacpp.make_network(arch, n, obs_dim, 2), value_model=shacpp.make_network(arch, n, obs_dim, 1),
                   reward_model=shacpp.RewardModel(arch, n, obs_dim),
-                  world_model=shacpp.WorldModel(n, obs_dim, T, residual=checkpoint.get("world_residual", run_args.get("world_residual", False))))
+                  world_model=shacpp.WorldModel(n, obs_dim, T, residual=residual))
     try:
         for name, module in models.items():
             module.load_state_dict(checkpoint[name])
@@ -130,13 +132,14 @@ if __name__ == "__main__":
         (model_grad,) = torch.autograd.grad((discount * r_hat * alive[..., None]).sum(), a)
 
         # real return gained by a step along each direction (unit norm over an environment's window)
-        with torch.no_grad():
-            before, _ = window_return(replay(scenario, n, args.num_envs, args.seed, past)[0], raw, start_done, gamma)
-            gains = {}
-            for name, g in (("simulator", true_grad), ("models", model_grad), ("random", torch.randn_like(raw))):
-                moved = raw + args.step_size * g / norm(g).clamp(min=1e-12)[None, :, None, None]
-                after, _ = window_return(replay(scenario, n, args.num_envs, args.seed, past)[0], moved, start_done, gamma)
-                gains[name] = after - before
+        def real_return(samples):  # the window replayed in a fresh simulator
+            with torch.no_grad():
+                return window_return(replay(scenario, n, args.num_envs, args.seed, past)[0], samples, start_done,
+                                     gamma)[0]
+
+        before, gains = real_return(raw), {}
+        for name, g in (("simulator", true_grad), ("models", model_grad), ("random", torch.randn_like(raw))):
+            gains[name] = real_return(raw + args.step_size * g / norm(g).clamp(min=1e-12)[None, :, None, None]) - before
 
         active = norm(true_grad) > args.active
         cos = (true_grad * model_grad).sum((0, 2, 3)) / (norm(true_grad) * norm(model_grad)).clamp(min=1e-12)
