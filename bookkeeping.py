@@ -82,11 +82,12 @@ def set_rng_states(rng: dict):
     VmasEnvironment.vmas_random_state[:] = [rng["vmas"][0], array(rng["vmas"][1]), rng["vmas"][2]]
 
 
-STRUCTURE = ("scenario", "n_agents", "arch", "world_residual")  # what a checkpoint must share with a run to resume it
+# what a checkpoint must share with a run to resume or evaluate it (world_residual: shacpp.py; actor, norm_obs: ppo.py)
+STRUCTURE = ("scenario", "n_agents", "arch", "world_residual", "actor", "norm_obs")
 
 
 def structure(args) -> dict:
-    return {key: getattr(args, key) for key in STRUCTURE if hasattr(args, key)}  # world_residual: shacpp.py only
+    return {key: getattr(args, key) for key in STRUCTURE if hasattr(args, key)}
 
 
 def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:

@@ -21,7 +21,8 @@ LABEL = {"episodes": "episode", "steps": "environment steps", "time": "wall-cloc
 COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shacpp": "tab:red"}
 STYLES = {"mlp": "-", "transformer": "--"}
 VARIANT_MARKERS = ("x", "+", "^", "s", "v", "d")  # each variant of a panel has its own
-IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda"}  # runs differing only here are one group
+IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs"}  # runs differing only here: one group
+REFERENCES = {"heuristic": "black", "greedy": "tab:purple", "random": "tab:gray", "zero": "tab:brown"}  # reference.py
 
 
 @dataclass
@@ -58,8 +59,14 @@ def load(run: str):
 
 
 def label(args: dict) -> str:
-    algorithm = args.get("algorithm", args["exp_name"])
-    return algorithm if args["exp_name"] == algorithm else f"{algorithm} ({args['exp_name']})"
+    algorithm = args.get("algorithm", args.get("exp_name"))
+    name = args.get("exp_name", algorithm)
+    return algorithm if name == algorithm else f"{algorithm} ({name})"
+
+
+def column(args: dict) -> str:
+    """A learner's column names its architecture; a reference controller (reference.py) has none."""
+    return label(args) if args.get("algorithm") in REFERENCES else f"{label(args)} {args['arch']}"
 
 
 def group(runs: list[str]) -> dict:
@@ -99,19 +106,19 @@ def curve(seeds, x: str):
 
 def table(groups: dict) -> str:
     """The paper's Table 1: best normalized return of each run, mean over seeds, per algorithm x scenario x agents x
-    architecture; the best entry of each row in bold."""
+    architecture; the best learner of each row in bold. Reference controllers (one evaluation each) follow the
+    learners as their own columns, never bold."""
     cells, columns = {}, set()
     for seeds in groups.values():
         args = seeds[0][0]
-        column = f"{label(args)} {args['arch']}"
         best = [max(r["normalized_return"] for r in rows) for _, rows in seeds]
-        cells[(args["scenario"], args["n_agents"], column)] = (sum(best) / len(best), len(best))
-        columns.add(column)
-    columns = sorted(columns)
+        cells[(args["scenario"], args["n_agents"], column(args))] = (sum(best) / len(best), len(best))
+        columns.add(column(args))
+    columns = sorted(columns, key=lambda c: (c in REFERENCES, c))
     lines = ["| scenario | agents | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for scenario, agents in sorted({key[:2] for key in cells}):
         row = [cells.get((scenario, agents, c)) for c in columns]
-        top = max(mean for mean, _ in filter(None, row))
+        top = max((cell[0] for c, cell in zip(columns, row) if cell and c not in REFERENCES), default=None)
         text = []
         for cell in row:  # "mean (seeds)"; empty where that algorithm did not run
             value = "" if cell is None else f"{cell[0]:.3f}"
@@ -133,8 +140,13 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
             ax.axis("off")
             continue
         markers = itertools.cycle(VARIANT_MARKERS)
-        for seeds in sorted(members, key=lambda s: (label(s[0][0]), s[0][0]["arch"])):
+        for seeds in sorted(members, key=lambda s: (label(s[0][0]), s[0][0].get("arch", ""))):
             args = seeds[0][0]
+            if args.get("algorithm") in REFERENCES:  # one evaluation, no curve: a dashed level across the panel
+                level = sum(rows[-1]["normalized_return"] for _, rows in seeds) / len(seeds)
+                ax.axhline(level, linestyle="--", linewidth=1, color=REFERENCES[args["algorithm"]],
+                           label=f"{label(args)} (reference, {len(seeds)} seed{'s' * (len(seeds) > 1)})")
+                continue
             xs, means, stds = curve(seeds, x)
             variant = label(args) != args.get("algorithm")  # e.g. a reduced configuration: same colour, lighter
             line, = ax.plot(xs, means, STYLES[args["arch"]], marker=next(markers) if variant else ".", markersize=4,
@@ -143,6 +155,8 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set(title=f"{scenario}, {agents} agent{'s' * (agents > 1)}", xlabel=LABEL[x], ylabel="normalized return")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, -0.02), max(high, 1.05))  # a level at 1 (solved) stays visible off the frame
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,4 +1,7 @@
 # PPO / MAPPO baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
+# CleanRL's ppo_continuous_action.py, batched over VMAS environments and agents, with CleanRL's details on by default,
+# each an Args flag (orthogonal init, Adam eps 1e-5, learning-rate annealing, observation normalisation, reward
+# scaling), and equal minibatches. --actor decentralised: Yu et al. 2022's MAPPO (the paper's MAPPO is centralised).
 import contextlib
 import io
 import itertools
@@ -14,6 +17,7 @@ import torch
 import torch.nn as nn
 import tyro
 import vmas
+from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 
 from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation
@@ -62,9 +66,23 @@ class Args:
     checkpoint: str = ""
     """resume from this checkpoint (last.pt or best.pt); with --episodes 0, only evaluate it"""
 
-    # PPO (CleanRL's continuous PPO, SPEC section 7)
+    # PPO: CleanRL's ppo_continuous_action.py, with its implementation details on by default
+    actor: Literal["centralised", "decentralised"] = "centralised"
+    """one network over all agents (the paper's MAPPO), or one on each agent's own observation (Yu et al. 2022)"""
     learning_rate: float = 1e-3
     """Adam learning rate of the policy and value networks"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 at episode --anneal-episodes (CleanRL's anneal_lr)"""
+    anneal_episodes: int = 20000
+    """episode where the annealed rate reaches 0 and stays: the paper's budget, not --episodes, so resumes match"""
+    adam_eps: float = 1e-5
+    """Adam epsilon (CleanRL's 1e-5; PyTorch's default is 1e-8)"""
+    orthogonal_init: bool = True
+    """orthogonal weights (gain sqrt 2; heads: actor 0.01, critic 1) and zero biases, as CleanRL's layer_init"""
+    norm_obs: bool = True
+    """normalise the inputs by a running mean and std per feature, clip to +-10 (CleanRL's NormalizeObservation)"""
+    norm_reward: bool = True
+    """divide rewards by the running std of the discounted return (CleanRL's NormalizeReward, without its clip)"""
     gamma: float = 0.99
     """discount factor"""
     lam: float = 0.95
@@ -72,9 +90,9 @@ class Args:
     update_epochs: int = 4
     """epochs over the rollout per update"""
     minibatch_size: int = 2000
-    """(step, environment) samples per minibatch"""
+    """about this many (step, environment) samples per minibatch: round(batch / this) equal minibatches"""
     clip_coef: float = 0.2
-    """surrogate clipping coefficient"""
+    """surrogate (and value) clipping coefficient"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     ent_coef: float = 0.0
@@ -132,21 +150,30 @@ def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, gra
 
 
 def max_return(env) -> torch.Tensor:
-    """Best team return of each environment (or an upper bound), right after a reset (SPEC section 2)."""
+    """Best team return of each environment (or an upper bound on it), right after a reset (docs/scenarios.md)."""
     s, n = env.scenario, env.n_agents
     if env.scenario_name == "dispersion":  # each food pays 1 in total, shared among the agents on it
         return torch.full((env.num_envs,), float(n), device=env.device)
-    if env.scenario_name == "transport":  # every agent receives 100 x the package's progress towards the goal
+    if env.scenario_name == "transport":  # 100 x progress to every agent, paid until the package first overlaps the
+        # goal: at best from d0 down to goal radius + package half-width + VMAS's LINE_MIN_DIST (a face-on push)
         gap = torch.linalg.vector_norm(s.packages[0].state.pos - s.packages[0].goal.state.pos, dim=-1)
-        return s.shaping_factor * n * gap
-    if env.scenario_name == "discovery":  # each target pays 1 to each of the >= agents_per_target agents covering it
-        return torch.full((env.num_envs,), float(s.n_targets * s._agents_per_target), device=env.device)
-    # sampling: every agent receives the shared density of each cell once; VMAS normalises per environment
-    xs = torch.arange(-s.xdim, s.xdim, s.grid_spacing, device=env.device)
-    ys = torch.arange(-s.ydim, s.ydim, s.grid_spacing, device=env.device)
-    grid = torch.cartesian_prod(xs, ys).unsqueeze(1)  # (cells, 1, 2), broadcast over environments
-    density = sum(g.log_prob(grid).exp() for g in s.gaussians)  # (cells, envs)
-    return n * (density / s.max_pdf).sum(0)
+        reach = s.packages[0].goal.shape.radius + s.package_width / 2 + LINE_MIN_DIST
+        return s.shaping_factor * n * (gap - reach).clamp(min=0)
+    if env.scenario_name == "discovery":  # a covered target pays 1 to every agent in range (all n at best), once
+        return torch.full((env.num_envs,), float(s.n_targets * n), device=env.device)
+    # sampling: a cell pays the normalised density where it is first visited, to every agent (shared reward).
+    # Upper bound on a cell's best density: the largest, over 4 x 4 sub-cells, of the sum over the (isotropic)
+    # Gaussians of each one's maximum on the sub-cell, at the sub-cell point nearest its mean (docs/scenarios.md)
+    sub, h = 4, s.grid_spacing
+    factors = []  # per axis: each Gaussian's largest factor exp(-d^2 / 2 var) on each sub-cell, (envs, sub-cells, G)
+    for k, (d, b) in enumerate(((s.xdim, s.world.x_semidim), (s.ydim, s.world.y_semidim))):  # VMAS clamps to b
+        low = torch.arange(-d, d, h / sub, device=env.device)
+        mean = torch.stack([g.loc[:, k:k + 1] for g in s.gaussians], -1)  # (envs, 1, G)
+        var = torch.stack([g.covariance_matrix[:, k:k + 1, k] for g in s.gaussians], -1)
+        nearest = mean.clamp(low.clamp(-b, b)[:, None], (low + h / sub).clamp(-b, b)[:, None])
+        factors.append(torch.exp(-(mean - nearest) ** 2 / (2 * var)) / (2 * math.pi * var).sqrt())
+    peak = factors[0] @ factors[1].transpose(1, 2)  # (envs, x sub-cells, y sub-cells): sum over the Gaussians
+    return n * peak.unflatten(1, (-1, sub)).unflatten(3, (-1, sub)).amax((2, 4)).sum((1, 2)) / s.max_pdf
 
 
 def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,17 +259,60 @@ def seed_everything(seed: int, deterministic: bool):
     torch.backends.cudnn.deterministic = deterministic
 
 
-# ---------------------------------------------------------------- PPO (SPEC section 7)
+# ---------------------------------------------------------------- PPO (CleanRL's ppo_continuous_action.py)
 class Policy(nn.Module):
-    """Gaussian policy: mean from the network, state-independent learned log standard deviation."""
+    """Gaussian policy, state-independent learned log-std. The mean: `centralised`, one network over all agents (the
+    paper's MAPPO); `decentralised`, one network on each agent's own observation (Yu et al. 2022's MAPPO)."""
 
-    def __init__(self, arch: str, n_agents: int, obs_dim: int):
+    def __init__(self, arch: str, n_agents: int, obs_dim: int, actor: str = "centralised"):
         super().__init__()
-        self.mean = make_network(arch, n_agents, obs_dim, 2)
+        self.decentralised = actor == "decentralised"
+        self.net = make_network(arch, 1 if self.decentralised else n_agents, obs_dim, 2)
         self.log_std = nn.Parameter(torch.zeros(2))
+
+    def mean(self, obs):  # (..., agents, obs_dim) -> (..., agents, 2)
+        return self.net(obs.unsqueeze(-2)).squeeze(-2) if self.decentralised else self.net(obs)
 
     def dist(self, obs) -> torch.distributions.Normal:
         return torch.distributions.Normal(self.mean(obs), self.log_std.exp(), validate_args=False)
+
+
+def orthogonal_init(net: nn.Module, head_gain: float) -> nn.Module:
+    """CleanRL's layer_init on every nn.Linear of `net` (not the transformer's fused attention input projection):
+    orthogonal weights, gain sqrt(2), zero biases; the last one, the head, gets `head_gain` (actor 0.01, critic 1)."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    for layer in linears:
+        nn.init.orthogonal_(layer.weight, head_gain if layer is linears[-1] else math.sqrt(2))
+        nn.init.zeros_(layer.bias)
+    return net
+
+
+class RunningNorm(nn.Module):
+    """Running mean and variance of everything passed to update() (the parallel update of gymnasium's RunningMeanStd),
+    kept in buffers so that checkpoints carry them; calling it normalises and clips to +-10 (CleanRL's wrappers)."""
+
+    def __init__(self, shape=()):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))  # gymnasium's prior count
+
+    @torch.no_grad()
+    def update(self, x):  # x: (samples, *shape)
+        mean, var, count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = mean - self.mean, self.count + count
+        self.var.copy_((self.var * self.count + var * count + delta ** 2 * self.count * count / total) / total)
+        self.mean += delta * count / total
+        self.count += count
+
+    def forward(self, x):
+        return ((x - self.mean) / (self.var + 1e-8).sqrt()).clamp(-10.0, 10.0)
+
+
+def minibatches(batch_size: int, minibatch_size: int, device=None) -> tuple[torch.Tensor, ...]:
+    """A random split of range(batch_size) into round(batch_size / minibatch_size) minibatches whose sizes differ by
+    at most one (CleanRL: batch_size // num_minibatches each), so no short tail minibatch gets a full Adam step."""
+    return torch.randperm(batch_size, device=device).tensor_split(max(1, round(batch_size / minibatch_size)))
 
 
 def gae(rewards, values, next_value, dones, gamma: float, lam: float):
@@ -269,15 +339,21 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = Policy(args.arch, n, obs_dim).to(device)
-    value_model = make_network(args.arch, n, obs_dim, 1).to(device)
+    policy = Policy(args.arch, n, obs_dim, args.actor).to(device)
+    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # centralised critic V(s) per agent
+    if args.orthogonal_init:
+        orthogonal_init(policy.net, 0.01), orthogonal_init(value_model, 1.0)
+    obs_norm, reward_norm = RunningNorm(obs_dim).to(device), RunningNorm().to(device)  # statistics shared by the agents
+    normalize = obs_norm if args.norm_obs else nn.Identity()
     optimizer = torch.optim.Adam([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate,
-                                 fused=True)  # one kernel for all parameters: PPO takes 36 small steps per episode
+                                 eps=args.adam_eps, fused=True)  # one kernel for all parameters: many small steps
 
-    modules = dict(policy=policy, value_model=value_model, optimizer=optimizer)
+    modules = dict(policy=policy, value_model=value_model, obs_norm=obs_norm, reward_norm=reward_norm,
+                   optimizer=optimizer)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, ALGORITHM) if args.checkpoint else None
+    policy_mean = lambda obs: policy.mean(normalize(obs))  # noqa: E731  (what evaluate() runs, deterministic)
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
-        metrics, extras = evaluate(policy.mean, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+        metrics, extras = evaluate(policy_mean, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
         report_evaluation(args.checkpoint, metrics, extras.get("frames"))
         sys.exit(0)
     run = Run(args, modules, checkpoint, ALGORITHM)
@@ -286,37 +362,47 @@ if __name__ == "__main__":
     # rollout storage, preallocated
     obs_buf = torch.zeros(T, N, n, obs_dim, device=device)
     act_buf = torch.zeros(T, N, n, 2, device=device)
-    rew_buf = torch.zeros(T, N, n, device=device)
+    rew_buf, disc_buf = torch.zeros(T, N, n, device=device), torch.zeros(T, N, n, device=device)
     done_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
     alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
 
     for episode in range(run.episode + 1, args.episodes + 1):
-        # ---- rollout (SPEC section 3): continue from the last episode, reset on schedule (and after a resume)
+        if args.anneal_lr:  # CleanRL's linear decay, set from the episode number (a resumed run gets the same rates)
+            optimizer.param_groups[0]["lr"] = args.learning_rate * max(0.0, 1.0 - (episode - 1) / args.anneal_episodes)
+
+        # ---- rollout: continue from the last episode, reset on schedule (and after a resume)
         t0 = clock(device)
         if episode == run.episode + 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
             obs, _ = reset(env)
             done = torch.zeros(N, dtype=torch.bool, device=device)
+            discounted = torch.zeros(N, n, device=device)  # running discounted return (reward scaling)
         with torch.no_grad():
             for t in range(T):  # only what the next action needs; log-probabilities and values are batched below
-                action = policy.dist(obs).sample()
+                action = policy.dist(normalize(obs)).sample()
                 obs_buf[t], act_buf[t], alive_buf[t] = obs, action, ~done
                 obs, rew_buf[t], dones = step(env, action.clamp(-1.0, 1.0))
                 done_buf[t] = dones & ~done  # terminated at this step
+                disc_buf[t] = discounted = args.gamma * discounted + rew_buf[t] * alive_buf[t, :, None]
                 done = done | dones
-            logp_buf = policy.dist(obs_buf).log_prob(act_buf).sum(-1)  # log-probability of the unclamped sample
-            values = value_model(torch.cat([obs_buf, obs[None]])).squeeze(-1)  # V(s_0..s_T) in one call
+            net_obs = normalize(torch.cat([obs_buf, obs[None]]))  # s_0..s_T as the networks see them
+            logp_buf = policy.dist(net_obs[:-1]).log_prob(act_buf).sum(-1)  # log-probability of the unclamped sample
+            values = value_model(net_obs).squeeze(-1)  # V(s_0..s_T) in one call
             val_buf, next_value = values[:-1], values[-1]
-            advantages, returns = gae(rew_buf, val_buf, next_value, done_buf.unsqueeze(-1), args.gamma, args.lam)
+            rewards = rew_buf
+            if args.norm_reward:  # CleanRL's NormalizeReward: scale by the std of the discounted return (not centred);
+                reward_norm.update(disc_buf[alive_buf].flatten())  # no +-10 clip: a sparse reward is tens of stds, and
+                rewards = rew_buf / (reward_norm.var + 1e-8).sqrt()  # clipping would make 1 and 1/2 (dispersion) equal
+            advantages, returns = gae(rewards, val_buf, next_value, done_buf.unsqueeze(-1), args.gamma, args.lam)
 
         # ---- PPO update over (step, environment) samples; steps after a termination are masked out
         t1 = clock(device)
-        b_obs, b_act, b_logp = obs_buf.flatten(0, 1), act_buf.flatten(0, 1), logp_buf.flatten(0, 1)
+        b_obs, b_act, b_logp = net_obs[:-1].flatten(0, 1), act_buf.flatten(0, 1), logp_buf.flatten(0, 1)
         b_adv, b_ret, b_val = advantages.flatten(0, 1), returns.flatten(0, 1), val_buf.flatten(0, 1)
         b_mask = alive_buf.flatten(0, 1).float().unsqueeze(-1).expand(-1, n)
         stats = torch.zeros(5, device=device)  # policy loss, value loss, approx kl, clip fraction, grad norm
         n_updates = 0
         for epoch in range(args.update_epochs):
-            for idx in torch.randperm(T * N, device=device).split(args.minibatch_size):
+            for idx in minibatches(T * N, args.minibatch_size, device):
                 m = b_mask[idx]
                 count = m.sum().clamp(min=1.0)
                 masked_mean = lambda x: (x * m).sum() / count  # noqa: E731
@@ -341,18 +427,21 @@ if __name__ == "__main__":
                     clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float())
                     stats += torch.stack([pg_loss, v_loss, approx_kl, clipfrac, grad_norm]).detach()
                 n_updates += 1
+        if args.norm_obs:  # CleanRL's NormalizeObservation, updated after the update: the rollout, its log-probs
+            obs_norm.update(obs_buf[alive_buf].flatten(0, 1))  # and the update all saw the same normalisation
 
         # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
         t2 = clock(device)
         stats = (stats / n_updates).tolist()
         run.log_train(episode, dict(
-            train_return=((rew_buf.sum(-1) * alive_buf).sum(0)).mean().item(), policy_loss=stats[0],
+            train_return=(rew_buf.sum(-1) * alive_buf).sum(0)[alive_buf[0]].mean().item(), policy_loss=stats[0],
             value_loss=stats[1], approx_kl=stats[2], clipfrac=stats[3], grad_norm=stats[4],
-            std=policy.log_std.exp().mean().item(), rollout_time=t1 - t0, update_time=t2 - t1))
+            std=policy.log_std.exp().mean().item(), lr=optimizer.param_groups[0]["lr"], rollout_time=t1 - t0,
+            update_time=t2 - t1))
 
-        # ---- evaluation, checkpoints and early stopping (SPEC sections 3 and 8)
+        # ---- evaluation, checkpoints and early stopping
         if episode % args.eval_every == 0 or episode == args.episodes:
-            metrics, extras = evaluate(policy.mean, eval_env, args.eval_steps, args.stop_return,
+            metrics, extras = evaluate(policy_mean, eval_env, args.eval_steps, args.stop_return,
                                        render=args.capture_video)
             if run.log_eval(episode, metrics | dict(eval_time=clock(device) - t2), extras.get("frames")):
                 break

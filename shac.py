@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import tyro
 import vmas
+from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 
 from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation
@@ -130,21 +131,30 @@ def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, gra
 
 
 def max_return(env) -> torch.Tensor:
-    """Best team return of each environment (or an upper bound), right after a reset (SPEC section 2)."""
+    """Best team return of each environment (or an upper bound on it), right after a reset (docs/scenarios.md)."""
     s, n = env.scenario, env.n_agents
     if env.scenario_name == "dispersion":  # each food pays 1 in total, shared among the agents on it
         return torch.full((env.num_envs,), float(n), device=env.device)
-    if env.scenario_name == "transport":  # every agent receives 100 x the package's progress towards the goal
+    if env.scenario_name == "transport":  # 100 x progress to every agent, paid until the package first overlaps the
+        # goal: at best from d0 down to goal radius + package half-width + VMAS's LINE_MIN_DIST (a face-on push)
         gap = torch.linalg.vector_norm(s.packages[0].state.pos - s.packages[0].goal.state.pos, dim=-1)
-        return s.shaping_factor * n * gap
-    if env.scenario_name == "discovery":  # each target pays 1 to each of the >= agents_per_target agents covering it
-        return torch.full((env.num_envs,), float(s.n_targets * s._agents_per_target), device=env.device)
-    # sampling: every agent receives the shared density of each cell once; VMAS normalises per environment
-    xs = torch.arange(-s.xdim, s.xdim, s.grid_spacing, device=env.device)
-    ys = torch.arange(-s.ydim, s.ydim, s.grid_spacing, device=env.device)
-    grid = torch.cartesian_prod(xs, ys).unsqueeze(1)  # (cells, 1, 2), broadcast over environments
-    density = sum(g.log_prob(grid).exp() for g in s.gaussians)  # (cells, envs)
-    return n * (density / s.max_pdf).sum(0)
+        reach = s.packages[0].goal.shape.radius + s.package_width / 2 + LINE_MIN_DIST
+        return s.shaping_factor * n * (gap - reach).clamp(min=0)
+    if env.scenario_name == "discovery":  # a covered target pays 1 to every agent in range (all n at best), once
+        return torch.full((env.num_envs,), float(s.n_targets * n), device=env.device)
+    # sampling: a cell pays the normalised density where it is first visited, to every agent (shared reward).
+    # Upper bound on a cell's best density: the largest, over 4 x 4 sub-cells, of the sum over the (isotropic)
+    # Gaussians of each one's maximum on the sub-cell, at the sub-cell point nearest its mean (docs/scenarios.md)
+    sub, h = 4, s.grid_spacing
+    factors = []  # per axis: each Gaussian's largest factor exp(-d^2 / 2 var) on each sub-cell, (envs, sub-cells, G)
+    for k, (d, b) in enumerate(((s.xdim, s.world.x_semidim), (s.ydim, s.world.y_semidim))):  # VMAS clamps to b
+        low = torch.arange(-d, d, h / sub, device=env.device)
+        mean = torch.stack([g.loc[:, k:k + 1] for g in s.gaussians], -1)  # (envs, 1, G)
+        var = torch.stack([g.covariance_matrix[:, k:k + 1, k] for g in s.gaussians], -1)
+        nearest = mean.clamp(low.clamp(-b, b)[:, None], (low + h / sub).clamp(-b, b)[:, None])
+        factors.append(torch.exp(-(mean - nearest) ** 2 / (2 * var)) / (2 * math.pi * var).sqrt())
+    peak = factors[0] @ factors[1].transpose(1, 2)  # (envs, x sub-cells, y sub-cells): sum over the Gaussians
+    return n * peak.unflatten(1, (-1, sub)).unflatten(3, (-1, sub)).amax((2, 4)).sum((1, 2)) / s.max_pdf
 
 
 def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,7 +367,7 @@ if __name__ == "__main__":
 
         # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
         t3 = clock(device)
-        train_return = (rew_buf.sum(-1) * alive_buf).sum(0).mean().item()
+        train_return = (rew_buf.sum(-1) * alive_buf).sum(0)[alive_buf[0]].mean().item()  # envs alive at the start
         row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
         run.log_train(episode, dict(train_return=train_return, **row, rollout_time=t1 - t0, policy_time=t2 - t1,
                                     value_time=t3 - t2))

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import tyro
 import vmas
+from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 
 from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation
@@ -36,7 +37,7 @@ class Args:
     n_agents: int = 1
     """number of agents"""
     arch: Literal["mlp", "transformer"] = "mlp"
-    """architecture of the policy and value networks"""
+    """architecture of the policy, value and reward networks (the world model is the transformer of section 3)"""
     episodes: int = 20000
     """number of training episodes (one episode = one rollout of num_steps in num_envs, then the updates)"""
     num_envs: int = 512
@@ -71,6 +72,10 @@ class Args:
     """lambda of the TD(lambda) value targets"""
     alpha: float = 1.0
     """weight of the action-bound penalty (the paper's alpha)"""
+    penalty: Literal["sample", "mean"] = "sample"
+    """sample: the paper's equation (section 3), the penalty on the sampled actions, which the learned models receive
+    unclamped (the simulator gets them clamped); mean: the penalty on the policy mean and the clamped sample into the
+    models (the paper's code and this project's first version)"""
     policy_std: float = 1.0
     """fixed standard deviation of the Gaussian policy"""
     max_grad_norm: float = 1.0
@@ -102,7 +107,7 @@ class Args:
     world_tolerance: float = 0.05
     """a predicted observation element counts as accurate within this absolute error"""
     reward_tolerance: float = 0.1
-    """a predicted reward counts as accurate within this absolute error"""
+    """a predicted reward, or a predicted value against its target, counts as accurate within this absolute error"""
 
 
 def parse_args() -> Args:
@@ -154,21 +159,30 @@ def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, gra
 
 
 def max_return(env) -> torch.Tensor:
-    """Best team return of each environment (or an upper bound), right after a reset (SPEC section 2)."""
+    """Best team return of each environment (or an upper bound on it), right after a reset (docs/scenarios.md)."""
     s, n = env.scenario, env.n_agents
     if env.scenario_name == "dispersion":  # each food pays 1 in total, shared among the agents on it
         return torch.full((env.num_envs,), float(n), device=env.device)
-    if env.scenario_name == "transport":  # every agent receives 100 x the package's progress towards the goal
+    if env.scenario_name == "transport":  # 100 x progress to every agent, paid until the package first overlaps the
+        # goal: at best from d0 down to goal radius + package half-width + VMAS's LINE_MIN_DIST (a face-on push)
         gap = torch.linalg.vector_norm(s.packages[0].state.pos - s.packages[0].goal.state.pos, dim=-1)
-        return s.shaping_factor * n * gap
-    if env.scenario_name == "discovery":  # each target pays 1 to each of the >= agents_per_target agents covering it
-        return torch.full((env.num_envs,), float(s.n_targets * s._agents_per_target), device=env.device)
-    # sampling: every agent receives the shared density of each cell once; VMAS normalises per environment
-    xs = torch.arange(-s.xdim, s.xdim, s.grid_spacing, device=env.device)
-    ys = torch.arange(-s.ydim, s.ydim, s.grid_spacing, device=env.device)
-    grid = torch.cartesian_prod(xs, ys).unsqueeze(1)  # (cells, 1, 2), broadcast over environments
-    density = sum(g.log_prob(grid).exp() for g in s.gaussians)  # (cells, envs)
-    return n * (density / s.max_pdf).sum(0)
+        reach = s.packages[0].goal.shape.radius + s.package_width / 2 + LINE_MIN_DIST
+        return s.shaping_factor * n * (gap - reach).clamp(min=0)
+    if env.scenario_name == "discovery":  # a covered target pays 1 to every agent in range (all n at best), once
+        return torch.full((env.num_envs,), float(s.n_targets * n), device=env.device)
+    # sampling: a cell pays the normalised density where it is first visited, to every agent (shared reward).
+    # Upper bound on a cell's best density: the largest, over 4 x 4 sub-cells, of the sum over the (isotropic)
+    # Gaussians of each one's maximum on the sub-cell, at the sub-cell point nearest its mean (docs/scenarios.md)
+    sub, h = 4, s.grid_spacing
+    factors = []  # per axis: each Gaussian's largest factor exp(-d^2 / 2 var) on each sub-cell, (envs, sub-cells, G)
+    for k, (d, b) in enumerate(((s.xdim, s.world.x_semidim), (s.ydim, s.world.y_semidim))):  # VMAS clamps to b
+        low = torch.arange(-d, d, h / sub, device=env.device)
+        mean = torch.stack([g.loc[:, k:k + 1] for g in s.gaussians], -1)  # (envs, 1, G)
+        var = torch.stack([g.covariance_matrix[:, k:k + 1, k] for g in s.gaussians], -1)
+        nearest = mean.clamp(low.clamp(-b, b)[:, None], (low + h / sub).clamp(-b, b)[:, None])
+        factors.append(torch.exp(-(mean - nearest) ** 2 / (2 * var)) / (2 * math.pi * var).sqrt())
+    peak = factors[0] @ factors[1].transpose(1, 2)  # (envs, x sub-cells, y sub-cells): sum over the Gaussians
+    return n * peak.unflatten(1, (-1, sub)).unflatten(3, (-1, sub)).amax((2, 4)).sum((1, 2)) / s.max_pdf
 
 
 def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,46 +311,63 @@ class RewardModel(nn.Module):
 
 
 class BinnedCache:
-    """Replay cache split into `bins` bins over the running range of a scalar key; each bin is a ring buffer of
-    capacity // bins items and batches are drawn uniformly from the filled slots (paper section 3, SPEC 5.5).
-    Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own."""
+    """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; docs/shacpp.md).
+    Each bin holds the newest capacity // bins items whose key falls in it; batches are drawn uniformly from the
+    stored items. Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own.
+    Invariant: every stored item sits in the bin its key maps to under the *current* range, so when the range
+    moves the items move with it (bins are recomputed at every add; nothing is copied). The range spans the keys of
+    the last `capacity` items added, less the `capacity // 1000 + 1` most extreme on each side: one outlier cannot
+    squeeze every other key into one bin, and after a drift the old keys clamp into an end bin that new keys reach,
+    where they are the oldest and leave first. A non-finite key is refused."""
 
     def __init__(self, capacity: int, bins: int, device):
         self.bins, self.per_bin, self.device = bins, capacity // bins, device
-        self.data = {}  # name -> (bins, per_bin, ...) tensor, allocated by the first add
-        self.written = torch.zeros(bins, dtype=torch.long, device=device)  # items ever written, per bin
-        self.low = torch.tensor(math.inf, device=device)  # running key range, of this cache only
-        self.high = torch.tensor(-math.inf, device=device)
+        self.capacity, self.trim = bins * self.per_bin, capacity // 1000 + 1
+        self.data = {}  # name -> (capacity, ...) tensor, allocated by the first add
+        self.key = torch.zeros(self.capacity, device=device)  # key of each slot
+        self.stamp = torch.full((self.capacity,), -1, dtype=torch.long, device=device)  # arrival order, -1 = empty
+        self.recent = torch.full((self.capacity,), math.nan, device=device)  # ring of recent keys: the range
+        self.added = 0
+        self.low = self.high = torch.tensor(0.0, device=device)
 
     def bin_of(self, key):
         width = (self.high - self.low).clamp(min=1e-8)
-        return ((key - self.low) / width * self.bins).long().clamp(0, self.bins - 1)
+        return ((key - self.low) / width * self.bins).floor().clamp(0, self.bins - 1).long()
 
     def add(self, key, **items):
-        self.low, self.high = torch.minimum(self.low, key.min()), torch.maximum(self.high, key.max())
+        if not bool(torch.isfinite(key).all()):
+            raise ValueError("BinnedCache: refusing a non-finite key (a NaN or infinite reward or value target)")
+        m = key.shape[0]
+        self.recent[(self.added + torch.arange(m, device=self.device)) % self.capacity] = key  # last writes win
+        recent = self.recent[~self.recent.isnan()]
+        k = min(self.trim, (recent.numel() - 1) // 2)  # ignore the k most extreme keys on each side
+        self.low, self.high = -(-recent).topk(k + 1).values[-1], recent.topk(k + 1).values[-1]
+        # per bin, keep the newest per_bin of the stored and the new items (a newer item has a larger stamp)
+        stamp = torch.cat([self.stamp, self.added + torch.arange(m, device=self.device)])
+        b = torch.cat([self.bin_of(self.key), self.bin_of(key)]).masked_fill(stamp < 0, self.bins)  # empty: no bin
+        order = stamp.argsort(descending=True)
+        order = order[b[order].argsort(stable=True)]  # by bin, newest first within a bin
+        sorted_bins = b[order]
+        rank = torch.arange(len(order), device=self.device) - torch.searchsorted(sorted_bins, sorted_bins)
+        keep = torch.zeros_like(b, dtype=torch.bool)
+        keep[order] = (rank < self.per_bin) & (sorted_bins < self.bins)
+        self.stamp[~keep[:self.capacity]] = -1  # evicted: the oldest of an overfull bin
+        new = keep[self.capacity:]
+        slots = (self.stamp < 0).nonzero().squeeze(1)[:int(new.sum())]  # there is always room: kept <= capacity
         for name, value in items.items():
             if name not in self.data:
-                self.data[name] = torch.zeros(self.bins, self.per_bin, *value.shape[1:], dtype=value.dtype, device=self.device)
-        b = self.bin_of(key)
-        onehot = nn.functional.one_hot(b, self.bins)
-        rank = onehot.cumsum(0).gather(1, b[:, None]).squeeze(1) - 1  # order of arrival within its bin
-        count = onehot.sum(0)
-        keep = rank >= count[b] - self.per_bin  # a bin offered more than it holds keeps the newest
-        slot = (self.written[b] + rank) % self.per_bin  # ring buffer: the oldest item is replaced first
-        for name, value in items.items():
-            self.data[name][b[keep], slot[keep]] = value[keep]
-        self.written += count
+                self.data[name] = torch.zeros(self.capacity, *value.shape[1:], dtype=value.dtype, device=self.device)
+            self.data[name][slots] = value[new]
+        self.key[slots], self.stamp[slots] = key[new], stamp[self.capacity:][new]
+        self.added += m
 
     def __len__(self):
-        return int(self.written.clamp(max=self.per_bin).sum())
+        return int((self.stamp >= 0).sum())
 
     def sample(self, batch_size: int) -> dict:
-        filled = self.written.clamp(max=self.per_bin)
-        end = filled.cumsum(0)
-        u = (torch.rand(batch_size, device=self.device) * end[-1]).long()  # uniform over filled slots
-        b = torch.searchsorted(end, u, right=True)
-        slot = u - (end[b] - filled[b])
-        return {name: value[b, slot] for name, value in self.data.items()}
+        stored = (self.stamp >= 0).nonzero().squeeze(1)
+        slot = stored[torch.randint(len(stored), (batch_size,), device=self.device)]  # uniform over stored items
+        return {name: value[slot] for name, value in self.data.items()}
 
 
 def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
@@ -356,11 +387,12 @@ def action_penalty(mean, low: float = -1.0, high: float = 1.0):
     return (mean - high).clamp(min=0) ** 2 + (low - mean).clamp(min=0) ** 2
 
 
-def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated, args: Args,
+def policy_step(policy, optimizer, rewards, last_value, penalized, alive, terminated, args: Args,
                 guard: NonFiniteGuard) -> dict:
     """One Adam step on the SHAC policy loss (paper section 2.3) plus the action-bound penalty (section 3).
-    Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions; means (T, N, n, 2)
-    the policy means; alive (T, N): not terminated before step t; terminated (T, N): terminated at step t."""
+    Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions; penalized
+    (T, N, n, 2) the actions the penalty acts on (--penalty); alive (T, N): not terminated before step t;
+    terminated (T, N): terminated at step t."""
     T, N, n = rewards.shape
     discount = args.gamma ** torch.arange(T, device=rewards.device)
     # sum_t gamma^t r_t + gamma^T V(s_T): no reward after a termination, and no bootstrap if the window terminated
@@ -369,13 +401,13 @@ def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
-    penalty = (action_penalty(means) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
+    penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
     loss = -window_return + args.alpha * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
     grad_norm = guard.step(optimizer, loss, policy.parameters(), args.max_grad_norm)
     return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
-                mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
+                grad_norm=grad_norm)
 
 
 def imagine(world_model, reward_model, value_model, obs, actions):
@@ -388,14 +420,16 @@ def imagine(world_model, reward_model, value_model, obs, actions):
 
 
 def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int, guard: NonFiniteGuard):
-    """Train a model for `epochs` passes' worth of minibatches drawn from its cache (SPEC section 5.4)."""
-    loss = accuracy = torch.tensor(math.nan, device=cache.device)  # an empty cache (after a resume) trains nothing
-    for _ in range(epochs * math.ceil(len(cache) / minibatch)):
+    """Train a model for `epochs` passes' worth of minibatches drawn from its cache (Algorithm 1, lines 11-13);
+    returns the mean loss and accuracy over those minibatches (NaN for an empty cache, e.g. just after a resume)."""
+    totals, steps = torch.zeros(2, device=cache.device), epochs * math.ceil(len(cache) / minibatch)
+    for _ in range(steps):
         loss, accuracy = loss_and_accuracy(cache.sample(minibatch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         guard.step(optimizer, loss, model.parameters())
-    return loss.detach(), accuracy.detach()
+        totals += torch.stack([loss.detach(), accuracy.detach()])
+    return tuple(totals / steps) if steps else (torch.tensor(math.nan, device=cache.device),) * 2
 
 
 if __name__ == "__main__":
@@ -473,18 +507,21 @@ if __name__ == "__main__":
         if episode == run.episode + 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
             obs, _ = reset(env)
             done = torch.zeros(N, dtype=torch.bool, device=device)
-        actions, means = [], []
+        samples, means = [], []
         for t in range(T):
             mean = policy(obs)
-            action = (mean + args.policy_std * torch.randn_like(mean)).clamp(-1.0, 1.0)  # reparameterised sample
+            sample = mean + args.policy_std * torch.randn_like(mean)  # reparameterised sample
             obs_buf[t], alive_buf[t] = obs, ~done
-            obs, rew_buf[t], dones = step(env, action.detach())
+            obs, rew_buf[t], dones = step(env, sample.detach().clamp(-1.0, 1.0))  # the simulator's bounds
             term_buf[t] = dones & ~done  # terminated at this step
             done = done | dones
-            actions.append(action)
+            samples.append(sample)
             means.append(mean)
         obs_buf[T] = obs
-        actions, means = torch.stack(actions), torch.stack(means)
+        samples, means = torch.stack(samples), torch.stack(means)
+        executed = samples.detach().clamp(-1.0, 1.0)  # what the simulator received: the models learn from these
+        # the paper's section 3: the models receive the unclamped sample and the penalty acts on it (--penalty sample)
+        actions, penalized = (samples, samples) if args.penalty == "sample" else (samples.clamp(-1.0, 1.0), means)
 
         # ---- caches (SPEC 5.5): rollouts and transitions of live environments, value targets from real data (5.6)
         with torch.no_grad():
@@ -493,16 +530,17 @@ if __name__ == "__main__":
             live = alive_buf[0]
             team_rewards = rew_buf.sum(-1) * alive_buf  # (T, N)
             world_cache.add(team_rewards.sum(0)[live], obs=obs_buf.transpose(0, 1)[live],
-                            actions=actions.detach().transpose(0, 1)[live])
+                            actions=executed.transpose(0, 1)[live])
             alive = alive_buf
-            reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=actions.detach()[alive],
+            reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=executed[alive],
                              next_obs=obs_buf[1:][alive], rewards=rew_buf[alive])
             value_cache.add(targets.sum(-1)[alive], obs=obs_buf[:-1][alive], targets=targets[alive])
 
         # ---- policy step through the learned models (Algorithm 1, lines 7-10)
         times["policy_time"] = clock(device)
         r_hat, v_hat = imagine(world_model, reward_model, value_model, obs_buf, actions)
-        stats = policy_step(policy, policy_opt, r_hat, v_hat, means, alive_buf, term_buf, args, run.guard)
+        stats = policy_step(policy, policy_opt, r_hat, v_hat, penalized, alive_buf, term_buf, args, run.guard)
+        stats["mean_abs"] = means.detach().abs().mean()  # |mu|: the penalty keeps it near [-1, 1]
 
         # ---- cool-down: the value, reward and world models train every K episodes (Algorithm 1, lines 11-13)
         stats |= dict(value_loss=nan, value_accuracy=nan, reward_loss=nan, reward_accuracy=nan, world_loss=nan,
@@ -519,7 +557,7 @@ if __name__ == "__main__":
         durations = dict(zip(list(times)[:-1], np.diff(list(times.values())).tolist()))
 
         # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
-        train_return = team_rewards.sum(0).mean().item()
+        train_return = team_rewards.sum(0)[live].mean().item()  # over the environments alive at the rollout start
         row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
         run.log_train(episode, dict(train_return=train_return, **row, **durations))
 

@@ -67,3 +67,32 @@ def test_curve_keeps_early_stopped_seed():
     xs, means, stds = plot.curve([stopped, going, partial], "episodes")
     assert xs == [10, 20, 30]
     assert means == pytest.approx([0.2, 0.6, 0.7]) and stds[2] == pytest.approx(0.1)
+
+
+def test_reference_rows(tmp_path):
+    """reference.py's run folders (one evaluation, no architecture) are columns of their own after the learners,
+    never bold, even when above them, and dashed levels in their panel of the figure."""
+    runs = tmp_path / "runs"
+    fake_run(runs, "ppo", "dispersion", 1, [0.1, 0.3])
+    random = runs / "dispersion__1__reference__random__1"  # as reference.py writes it (one real run below)
+    random.mkdir()
+    (random / "args.json").write_text(json.dumps(dict(policy="random", scenario="dispersion", n_agents=1, seed=1,
+                                                      algorithm="random")))
+    (random / "eval.csv").write_text(HEADER + "0,0,1,0.2,1,0.2,0\n")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "reference.py"), "--policy", "greedy", "--scenario",
+                          "dispersion", "--n-agents", "1", "--eval-envs", "4", "--eval-steps", "100", "--runs",
+                          str(runs)], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    groups = plot.group(plot.find_runs([str(runs)]))
+    assert plot.table(groups).splitlines() == [
+        "| scenario | agents | ppo mlp | greedy | random |",
+        "|---|---|---|---|---|",
+        "| dispersion | 1 | **0.300** (1) | 1.000 (1) | 0.200 (1) |",  # greedy eats every food
+    ]
+    plot.plot(groups, "episodes", str(tmp_path / "r.png"), False)
+    (ax,) = plot.plt.gcf().axes
+    assert sorted(line.get_label() for line in ax.get_lines()) == [
+        "greedy (reference, 1 seed)", "ppo mlp (1 seed)", "random (reference, 1 seed)"]
+    levels = [line for line in ax.get_lines() if "reference" in line.get_label()]
+    assert [line.get_ydata()[0] for line in levels] == [1.0, 0.2]
+    assert all(line.get_linestyle() == "--" and line.get_ydata()[0] == line.get_ydata()[1] for line in levels)

@@ -1,6 +1,7 @@
 """Numerics of SHAC++ (shacpp.py): world-model attention, TD(lambda) targets, binned caches, action penalty,
 and the isolation of the policy step from the model networks. Run: python -m pytest -q"""
 import copy
+import math
 
 import pytest
 import torch
@@ -75,6 +76,10 @@ def test_lambda_returns_match_definition():
     assert terminated.any() and (~terminated).all(0).any()  # both cases occur
 
 
+def stored_keys(cache):
+    return cache.key[cache.stamp >= 0]
+
+
 def test_binned_cache_keeps_rare_items():
     torch.manual_seed(0)
     cache = shacpp.BinnedCache(30000, 25, "cpu")
@@ -89,13 +94,17 @@ def test_binned_cache_keeps_rare_items():
 
 def test_binned_cache_replaces_oldest_first():
     cache = shacpp.BinnedCache(6, 2, "cpu")  # 3 slots per bin
-    cache.add(torch.tensor([0.0, 1.0]), x=torch.tensor([-1.0, -2.0]))  # fixes the key range to [0, 1]
+    cache.add(torch.tensor([0.0, 1.0]), x=torch.tensor([-1.0, -2.0]))
     for value in [10.0, 20.0, 30.0, 40.0]:  # all to bin 0, which already holds -1
         cache.add(torch.tensor([0.0]), x=torch.tensor([value]))
-    assert sorted(cache.data["x"][0].tolist()) == [20.0, 30.0, 40.0]  # -1 went first, then 10
+
+    def in_bin(b):
+        stored = cache.stamp >= 0
+        return sorted(cache.data["x"][stored & (cache.bin_of(cache.key) == b)].tolist())
+    assert in_bin(0) == [20.0, 30.0, 40.0]  # -1 went first, then 10
     cache.add(torch.zeros(5), x=torch.arange(5.0))  # more than a bin holds at once: the newest 3 stay
-    assert sorted(cache.data["x"][0].tolist()) == [2.0, 3.0, 4.0]
-    assert cache.data["x"][1].tolist()[0] == -2.0  # the other bin is untouched
+    assert in_bin(0) == [2.0, 3.0, 4.0]
+    assert in_bin(1) == [-2.0]  # the other bin is untouched
 
 
 def test_binned_caches_keep_their_own_range():
@@ -105,6 +114,50 @@ def test_binned_caches_keep_their_own_range():
     assert b.bin_of(torch.tensor([1.0])).item() == 8  # top bin of b's own range [0, 1]
     assert a.bin_of(torch.tensor([1.0])).item() == 0  # bottom bin of a's range [0, 100]
     assert (a.low.item(), a.high.item(), b.low.item(), b.high.item()) == (0.0, 100.0, 0.0, 1.0)
+
+
+def test_binned_cache_common_key_stays_in_one_bin_as_the_range_widens():
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(900, 9, "cpu")  # 100 per bin
+    for high in [1.0, 10.0, 100.0, 1000.0]:  # the range widens four times; zero stays the common key
+        key = torch.cat([torch.zeros(300), torch.rand(60) * high])
+        cache.add(key, x=key)
+        keys = stored_keys(cache)
+        assert cache.bin_of(keys[keys == 0]).unique().numel() == 1  # every zero in one bin, under the current range
+        assert (keys == 0).sum() <= cache.per_bin  # and that bin's share only
+        assert torch.equal(cache.data["x"][cache.stamp >= 0], keys)  # the items moved with their keys
+    # the first version left zeros in 3 bins and 300 of them in the cache here
+
+
+def test_binned_cache_strands_nothing_after_a_drift():
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(900, 9, "cpu")
+    for step in range(40):  # value targets drifting upwards, from [0, 1] to [39, 40]
+        cache.add(step + torch.rand(100), x=torch.full((100,), float(step)))
+    # everything older than about the last 9 adds (a cache's worth) has gone; the first version kept the first
+    # adds in bins no new key reached, and they made up most of the samples
+    assert stored_keys(cache).min() >= 40 - 10
+    assert (cache.sample(1000)["x"] >= 30).all()
+
+
+def test_binned_cache_survives_an_outlier():
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(900, 9, "cpu")
+    key = torch.rand(900)
+    cache.add(key, x=key)
+    cache.add(torch.tensor([1e6]), x=torch.tensor([1e6]))  # one outlier (the first version: one bin left)
+    keys = stored_keys(cache)
+    assert len(cache) >= 800 and cache.bin_of(keys).unique().numel() == 9
+    assert 1e6 in keys.tolist()  # kept, in the top bin
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_binned_cache_refuses_non_finite_keys(bad):
+    cache = shacpp.BinnedCache(90, 9, "cpu")
+    cache.add(torch.tensor([0.0, 1.0]), x=torch.zeros(2))
+    with pytest.raises(ValueError, match="non-finite"):
+        cache.add(torch.tensor([0.5, bad]), x=torch.zeros(2))
+    assert len(cache) == 2 and (cache.low.item(), cache.high.item()) == (0.0, 1.0)  # the range is untouched
 
 
 def test_action_penalty():

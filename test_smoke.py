@@ -161,20 +161,29 @@ def test_max_return_hand_computed(scenario, n_agents):
     obs, best = ppo.reset(env)
     assert obs.shape[:2] == (6, n_agents)
     s = env.scenario
-    if scenario == "dispersion":
+    if scenario == "dispersion":  # each food pays 1 in total
         expected = torch.full((6,), float(n_agents))
-    elif scenario == "transport":
+    elif scenario == "transport":  # paid until the package (half width 0.075) overlaps the goal (radius 0.15)
         (dx, dy) = (s.packages[0].state.pos - s.world.landmarks[0].state.pos).T
-        expected = 100 * n_agents * torch.sqrt(dx ** 2 + dy ** 2)
-    elif scenario == "discovery":
-        expected = torch.full((6,), 7.0 * min(n_agents, 2))
-    else:  # sampling: isotropic Gaussians of variance 0.05 on the 40 x 40 grid corners, normalised per environment
-        pts = torch.tensor([[-1 + 0.05 * i, -1 + 0.05 * j] for i in range(40) for j in range(40)])
-        density = torch.zeros(6, len(pts))
-        for loc in s.locs:
-            sq = ((pts[None] - loc[:, None]) ** 2).sum(-1)
-            density += torch.exp(-sq / (2 * 0.05)) / (2 * math.pi * 0.05)
-        expected = n_agents * (density / density.max(1, keepdim=True).values).sum(1)
+        expected = 100 * n_agents * (torch.sqrt(dx ** 2 + dy ** 2) - (0.15 + 0.075 + 4 / 600)).clamp(min=0)
+    elif scenario == "discovery":  # 7 targets, each paying 1 to every one of the n agents around it
+        expected = torch.full((6,), 7.0 * n_agents)
+    else:  # sampling: per 0.05-wide cell, the best of its 4 x 4 sub-cells (clipped to the reachable |x|, |y| <= 0.975)
+        # of the sum of each Gaussian (variance 0.05) at its nearest point of the sub-cell; normalised by the mixture's
+        # maximum over the (clamped) grid corners, as VMAS does
+        corners = torch.tensor([[-1 + 0.05 * i, -1 + 0.05 * j] for i in range(40) for j in range(40)])
+
+        def pdf(points, loc):  # (envs, points, 2), (envs, 2) -> (envs, points)
+            return torch.exp(-((points - loc[:, None]) ** 2).sum(-1) / (2 * 0.05)) / (2 * math.pi * 0.05)
+        max_pdf = sum(pdf(corners.clamp(-0.975, 0.975).expand(6, -1, -1), loc) for loc in s.locs).max(1).values
+        best_of_cell = torch.zeros(6, len(corners))
+        for i in range(4):
+            for j in range(4):
+                low = corners + torch.tensor([i, j]) * 0.0125
+                low, high = low.clamp(-0.975, 0.975), (low + 0.0125).clamp(-0.975, 0.975)
+                peak = sum(pdf(torch.maximum(torch.minimum(loc[:, None], high), low), loc) for loc in s.locs)
+                best_of_cell = torch.maximum(best_of_cell, peak)
+        expected = n_agents * best_of_cell.sum(1) / max_pdf
     torch.testing.assert_close(best, expected, rtol=1e-4, atol=1e-4)
 
 
