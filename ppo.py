@@ -1,7 +1,8 @@
 # PPO / MAPPO baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
-# CleanRL's ppo_continuous_action.py, batched over VMAS environments and agents, with CleanRL's details on by default,
-# each an Args flag (orthogonal init, Adam eps 1e-5, learning-rate annealing, observation normalisation, reward
-# scaling), and equal minibatches. --actor decentralised: Yu et al. 2022's MAPPO (the paper's MAPPO is centralised).
+# CleanRL's ppo_continuous_action.py, batched over VMAS environments and agents, with equal minibatches. CleanRL's other
+# details are flags, off by default because each one slowed PPO on transport here (orthogonal init, Adam eps 1e-5,
+# learning-rate annealing, observation normalisation, reward scaling; measured in docs/ppo.md). --actor decentralised:
+# Yu et al. 2022's MAPPO (the paper's MAPPO is centralised).
 import contextlib
 import io
 import itertools
@@ -71,17 +72,17 @@ class Args:
     """one network over all agents (the paper's MAPPO), or one on each agent's own observation (Yu et al. 2022)"""
     learning_rate: float = 1e-3
     """Adam learning rate of the policy and value networks"""
-    anneal_lr: bool = True
+    anneal_lr: bool = False
     """decay the learning rate linearly to 0 at episode --anneal-episodes (CleanRL's anneal_lr)"""
     anneal_episodes: int = 20000
     """episode where the annealed rate reaches 0 and stays: the paper's budget, not --episodes, so resumes match"""
-    adam_eps: float = 1e-5
-    """Adam epsilon (CleanRL's 1e-5; PyTorch's default is 1e-8)"""
-    orthogonal_init: bool = True
+    adam_eps: float = 1e-8
+    """Adam epsilon (PyTorch's default; CleanRL uses 1e-5)"""
+    orthogonal_init: bool = False
     """orthogonal weights (gain sqrt 2; heads: actor 0.01, critic 1) and zero biases, as CleanRL's layer_init"""
-    norm_obs: bool = True
+    norm_obs: bool = False
     """normalise the inputs by a running mean and std per feature, clip to +-10 (CleanRL's NormalizeObservation)"""
-    norm_reward: bool = True
+    norm_reward: bool = False
     """divide rewards by the running std of the discounted return (CleanRL's NormalizeReward, without its clip)"""
     gamma: float = 0.99
     """discount factor"""

@@ -75,7 +75,7 @@ def test_running_norm_matches_torch_statistics():
 
 def test_decentralised_end_to_end(tmp_path):
     out = run_script("ppo.py", ["--scenario", "dispersion", "--n-agents", "3", "--actor", "decentralised",
-                                "--minibatch-size", "16", *TINY], tmp_path)
+                                "--norm-obs", "--norm-reward", "--minibatch-size", "16", *TINY], tmp_path)
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "dispersion__3__mlp__ppo__1__*"))
     evals = read_csv(os.path.join(run_dir, "eval.csv"))
