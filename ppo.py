@@ -1,8 +1,9 @@
 # PPO / MAPPO baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
-# CleanRL's ppo_continuous_action.py, batched over VMAS environments and agents, with equal minibatches. CleanRL's other
-# details are flags, off by default because each one slowed PPO on transport here (orthogonal init, Adam eps 1e-5,
-# learning-rate annealing, observation normalisation, reward scaling; measured in docs/ppo.md). --actor decentralised:
-# Yu et al. 2022's MAPPO (the paper's MAPPO is centralised).
+# CleanRL's ppo_continuous_action.py, batched over VMAS environments and agents, with equal minibatches and CleanRL's
+# reward scaling, which lifts MAPPO on dispersion with 3 agents from 0.13 to 0.50 (episode 50). CleanRL's other details
+# are flags, off by default: each slowed PPO on transport (orthogonal init, Adam eps 1e-5, learning-rate annealing,
+# observation normalisation; measured in docs/ppo.md). --actor decentralised: Yu et al. 2022's MAPPO (the paper's
+# MAPPO is centralised).
 import contextlib
 import io
 import itertools
@@ -82,7 +83,7 @@ class Args:
     """orthogonal weights (gain sqrt 2; heads: actor 0.01, critic 1) and zero biases, as CleanRL's layer_init"""
     norm_obs: bool = False
     """normalise the inputs by a running mean and std per feature, clip to +-10 (CleanRL's NormalizeObservation)"""
-    norm_reward: bool = False
+    norm_reward: bool = True
     """divide rewards by the running std of the discounted return (CleanRL's NormalizeReward, without its clip)"""
     gamma: float = 0.99
     """discount factor"""
