@@ -311,7 +311,7 @@ class RewardModel(nn.Module):
 
 
 class BinnedCache:
-    """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; the README explains the rule).
+    """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; rule in the README).
     Each bin holds the newest capacity // bins items whose key falls in it; batches are drawn uniformly from the
     stored items. Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own.
     Invariant: every stored item sits in the bin its key maps to under the *current* range, so when the range
