@@ -18,7 +18,7 @@ import tyro  # noqa: E402
 
 COLUMN = {"episodes": "episode", "steps": "global_step", "time": "time"}
 LABEL = {"episodes": "episode", "steps": "environment steps", "time": "wall-clock seconds"}
-COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shacpp": "tab:red"}
+COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shac+": "tab:orange", "shacpp": "tab:red"}
 STYLES = {"mlp": "-", "transformer": "--"}
 VARIANT_MARKERS = ("x", "+", "^", "s", "v", "d")  # each variant of a panel has its own
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs"}  # runs differing only here: one group

@@ -64,6 +64,9 @@ class Args:
     """resume from this checkpoint (last.pt or best.pt); with --episodes 0, only evaluate it"""
 
     # SHAC++ (SPEC section 5)
+    dynamics: Literal["model", "simulator"] = "model"
+    """model: SHAC++, gradients through the learned world model; simulator: SHAC+ (the paper's ablation, Table 1),
+    gradients through VMAS's differentiable physics and only the reward learned (no world model)"""
     learning_rate: float = 1e-3
     """Adam learning rate of every network"""
     gamma: float = 0.99
@@ -412,11 +415,20 @@ def policy_step(policy, optimizer, rewards, last_value, penalized, alive, termin
 
 def imagine(world_model, reward_model, value_model, obs, actions):
     """r^ and v^ through the learned models (Algorithm 1, lines 7-9): s^_1..s^_T = F(s_0, a_0..a_{T-1}),
-    r^_t = R(s^_t, a_t, s^_{t+1}) with s^_0 = s_0, v^ = V(s^_T). obs (T+1, N, n, o), actions (T, N, n, 2)."""
-    s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
-    s_hat = torch.cat([obs[:1], s_hat])
-    r_hat = reward_model(s_hat[:-1], actions, s_hat[1:])  # (T, N, n)
-    return r_hat, value_model(s_hat[-1]).squeeze(-1)
+    r^_t = R(s^_t, a_t, s^_{t+1}) with s^_0 = s_0, v^ = V(s^_T). obs (T+1, N, n, o), actions (T, N, n, 2).
+    SHAC+ (world_model None): obs is the simulator's own differentiable trajectory, used in place of s^."""
+    if world_model is not None:
+        obs = torch.cat([obs[:1], world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)])
+    r_hat = reward_model(obs[:-1], actions, obs[1:])  # (T, N, n)
+    return r_hat, value_model(obs[-1]).squeeze(-1)
+
+
+def cut_graph(env):
+    """SHAC+: start a new differentiable window (as shac.py): detach the simulator's state, and transport's shaping
+    term, which the scenario keeps between steps; otherwise the next backward pass runs into a freed graph."""
+    env.world.zero_grad()
+    for package in getattr(env.scenario, "packages", []):
+        package.global_shaping = package.global_shaping.detach()
 
 
 def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int, guard: NonFiniteGuard):
@@ -437,9 +449,13 @@ if __name__ == "__main__":
     for name in ("world", "reward", "value"):  # each bin must hold at least one item
         if getattr(args, f"{name}_cache") < getattr(args, f"{name}_bins"):
             sys.exit(f"error: --{name}-cache must be at least --{name}-bins")
+    shac_plus = args.dynamics == "simulator"  # SHAC+: VMAS's physics carry the gradient, only the reward is learned
+    algorithm = "shac+" if shac_plus else ALGORITHM
+    if shac_plus and args.exp_name == ALGORITHM:  # the default experiment name is the algorithm's
+        args.exp_name = algorithm
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed, args.torch_deterministic)
-    env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed)
+    env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed, grad_enabled=shac_plus)
     eval_env = make_env(args.scenario, args.n_agents, args.eval_envs, device, args.seed + 1)
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
@@ -447,22 +463,24 @@ if __name__ == "__main__":
     policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
-    world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
-    policy_opt, value_opt, reward_opt, world_opt = (
-        torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
-        for m in (policy, value_model, reward_model, world_model))
-    world_cache = BinnedCache(args.world_cache, args.world_bins, device)
+    policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
+                                         for m in (policy, value_model, reward_model))
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
     value_cache = BinnedCache(args.value_cache, args.value_bins, device)
-
-    modules = dict(policy=policy, value_model=value_model, reward_model=reward_model, world_model=world_model,
-                   policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt, world_opt=world_opt)
-    checkpoint = load_checkpoint(args.checkpoint, args, modules, ALGORITHM) if args.checkpoint else None
+    modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
+                   policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
+    world_model = None  # SHAC+ has none
+    if not shac_plus:
+        world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
+        world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
+        world_cache = BinnedCache(args.world_cache, args.world_bins, device)
+        modules |= dict(world_model=world_model, world_opt=world_opt)
+    checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
         metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
         report_evaluation(args.checkpoint, metrics, extras.get("frames"))
         sys.exit(0)
-    run = Run(args, modules, checkpoint, ALGORITHM)  # the caches are not saved: a resumed run refills them
+    run = Run(args, modules, checkpoint, algorithm)  # the caches are not saved: a resumed run refills them
     print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
 
     def world_loss(batch):  # L_F: MSE of the predicted s_1..s_T (paper section 3)
@@ -479,20 +497,22 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def model_accuracy(traj) -> dict:
-        """World and reward accuracy on an evaluation rollout, cut into windows of T steps (SPEC section 5.7)."""
+        """World and reward accuracy on an evaluation rollout, cut into windows of T steps (SPEC section 5.7);
+        NaN world accuracy for SHAC+, which has no world model."""
         hits = torch.zeros(2, device=device)
         total = torch.zeros(2, device=device)
         for k in range(0, traj["actions"].shape[0] - T + 1, T):
             obs, actions, alive = traj["obs"][k:k + T + 1], traj["actions"][k:k + T], traj["alive"][k:k + T]
-            s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
-            world_hit = (s_hat - obs[1:]).abs() <= args.world_tolerance
-            r_hat = reward_model(obs[:-1], actions, obs[1:])
-            reward_hit = (r_hat - traj["rewards"][k:k + T]).abs() <= args.reward_tolerance
             weight = alive[..., None].float()
-            hits += torch.stack([(world_hit * weight[..., None]).sum(), (reward_hit * weight).sum()])
+            r_hat = reward_model(obs[:-1], actions, obs[1:])
+            hits[1] += (((r_hat - traj["rewards"][k:k + T]).abs() <= args.reward_tolerance) * weight).sum()
+            if world_model is not None:
+                s_hat = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
+                hits[0] += (((s_hat - obs[1:]).abs() <= args.world_tolerance) * weight[..., None]).sum()
             total += torch.stack([weight.sum() * n * obs_dim, weight.sum() * n])
         world_accuracy, reward_accuracy = (hits / total.clamp(min=1)).tolist()
-        return dict(world_accuracy=world_accuracy, reward_accuracy=reward_accuracy)
+        return dict(world_accuracy=world_accuracy if world_model is not None else math.nan,
+                    reward_accuracy=reward_accuracy)
 
     # rollout storage, time first, preallocated
     obs_buf = torch.zeros(T + 1, N, n, obs_dim, device=device)
@@ -502,22 +522,29 @@ if __name__ == "__main__":
     nan = torch.tensor(math.nan, device=device)
 
     for episode in range(run.episode + 1, args.episodes + 1):
-        # ---- rollout in the non-differentiable simulator (Algorithm 1, line 6); actions keep the policy's graph
+        # ---- rollout in the non-differentiable simulator (Algorithm 1, line 6); actions keep the policy's graph.
+        # SHAC+ steps a differentiable simulator instead, whose observations carry the actions' gradient.
         times = dict(rollout_time=clock(device))
         if episode == run.episode + 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
             obs, _ = reset(env)
             done = torch.zeros(N, dtype=torch.bool, device=device)
-        samples, means = [], []
+        if shac_plus:  # a new window: cut the simulator's graph (shac.py does the same)
+            cut_graph(env)
+            obs = obs.detach()
+        states, samples, means = [obs], [], []
         for t in range(T):
             mean = policy(obs)
             sample = mean + args.policy_std * torch.randn_like(mean)  # reparameterised sample
-            obs_buf[t], alive_buf[t] = obs, ~done
-            obs, rew_buf[t], dones = step(env, sample.detach().clamp(-1.0, 1.0))  # the simulator's bounds
+            obs_buf[t], alive_buf[t] = obs.detach(), ~done
+            # the simulator's bounds (for SHAC+ a clamped component passes no gradient, as in shac.py)
+            obs, rewards, dones = step(env, (sample if shac_plus else sample.detach()).clamp(-1.0, 1.0))
+            rew_buf[t] = rewards.detach()
             term_buf[t] = dones & ~done  # terminated at this step
             done = done | dones
+            states.append(obs)
             samples.append(sample)
             means.append(mean)
-        obs_buf[T] = obs
+        obs_buf[T] = obs.detach()
         samples, means = torch.stack(samples), torch.stack(means)
         executed = samples.detach().clamp(-1.0, 1.0)  # what the simulator received: the models learn from these
         # the paper's section 3: the models receive the unclamped sample and the penalty acts on it (--penalty sample)
@@ -529,16 +556,17 @@ if __name__ == "__main__":
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
             live = alive_buf[0]
             team_rewards = rew_buf.sum(-1) * alive_buf  # (T, N)
-            world_cache.add(team_rewards.sum(0)[live], obs=obs_buf.transpose(0, 1)[live],
-                            actions=executed.transpose(0, 1)[live])
+            if not shac_plus:
+                world_cache.add(team_rewards.sum(0)[live], obs=obs_buf.transpose(0, 1)[live],
+                                actions=executed.transpose(0, 1)[live])
             alive = alive_buf
             reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=executed[alive],
                              next_obs=obs_buf[1:][alive], rewards=rew_buf[alive])
             value_cache.add(targets.sum(-1)[alive], obs=obs_buf[:-1][alive], targets=targets[alive])
 
-        # ---- policy step through the learned models (Algorithm 1, lines 7-10)
+        # ---- policy step through the learned models (Algorithm 1, lines 7-10); SHAC+ through the simulator's states
         times["policy_time"] = clock(device)
-        r_hat, v_hat = imagine(world_model, reward_model, value_model, obs_buf, actions)
+        r_hat, v_hat = imagine(world_model, reward_model, value_model, torch.stack(states), actions)
         stats = policy_step(policy, policy_opt, r_hat, v_hat, penalized, alive_buf, term_buf, args, run.guard)
         stats["mean_abs"] = means.detach().abs().mean()  # |mu|: the penalty keeps it near [-1, 1]
 
@@ -548,7 +576,7 @@ if __name__ == "__main__":
         for name, every, model, opt, cache, loss_fn in (
                 ("value", args.value_every, value_model, value_opt, value_cache, value_loss),
                 ("reward", args.reward_every, reward_model, reward_opt, reward_cache, reward_loss),
-                ("world", args.world_every, world_model, world_opt, world_cache, world_loss)):
+                *(() if shac_plus else [("world", args.world_every, world_model, world_opt, world_cache, world_loss)])):
             times[f"{name}_time"] = clock(device)
             if episode % every == 0:
                 stats[f"{name}_loss"], stats[f"{name}_accuracy"] = fit(

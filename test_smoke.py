@@ -2,6 +2,7 @@
 and the delicate numerics (GAE, max_return) match hand computations. Run: python -m pytest -q"""
 import csv
 import glob
+import json
 import math
 import os
 import subprocess
@@ -62,6 +63,23 @@ def test_end_to_end(script, scenario, n, arch, tmp_path):
         assert all(math.isfinite(float(v)) for v in row.values()), row
     assert os.path.exists(os.path.join(run_dir, "args.json"))
     assert os.path.exists(os.path.join(run_dir, "last.pt")) and os.path.exists(os.path.join(run_dir, "best.pt"))
+
+
+@pytest.mark.parametrize("scenario, n, arch", [("transport", 1, "mlp"), ("dispersion", 3, "transformer")])
+def test_shac_plus_end_to_end(scenario, n, arch, tmp_path):
+    """shacpp.py --dynamics simulator is SHAC+: its own algorithm name, no world model trained or saved."""
+    extra, _, _ = SCRIPTS["shacpp.py"]
+    out = run_script("shacpp.py", ["--dynamics", "simulator", "--scenario", scenario, "--n-agents", str(n),
+                                   "--arch", arch, *extra, *TINY], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{scenario}__{n}__{arch}__shac+__1__*"))
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert json.load(f)["algorithm"] == "shac+"
+    train, evals = read_csv(os.path.join(run_dir, "train.csv")), read_csv(os.path.join(run_dir, "eval.csv"))
+    assert math.isnan(float(train[1]["world_loss"])) and math.isfinite(float(train[1]["reward_loss"]))
+    assert all(math.isnan(float(r["world_accuracy"])) and math.isfinite(float(r["normalized_return"])) for r in evals)
+    checkpoint = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
+    assert "world_model" not in checkpoint and "reward_model" in checkpoint
 
 
 @pytest.mark.parametrize("scenario", ["dispersion", "discovery"])
