@@ -1,14 +1,16 @@
-"""Bookkeeping shared by ppo.py, shac.py and shacpp.py (SPEC section 8): the run folder and its CSV logs, checkpoints
-(atomic, with every random state), resuming, stop signals, the non-finite update guard, phase clocks and GIFs.
-None of it is part of an algorithm, so it lives here once instead of in each training script."""
+"""Bookkeeping shared by ppo.py, shac.py and shacpp.py: the run folder and its CSV logs, checkpoints (atomic, with
+every random state, at evaluations and every few minutes), resuming from a run folder, stop signals, the non-finite
+update guard, the progress line, phase clocks and GIFs. None of it is part of an algorithm, so it lives here once
+instead of in each training script; copy it along with a script (docs/usage.md)."""
 import json
 import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -44,6 +46,16 @@ class CSVLog:
             with open(path, "w") as f:
                 f.writelines([header, *(r for r in rows if int(r.split(",", 1)[0]) <= resume_episode)])
 
+    def last_row(self) -> dict:
+        """The last complete row as numbers ({} for none): a resumed run's last evaluation."""
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        if len(lines) < 2 or len(lines[-1].split(",")) != len(lines[0].split(",")):
+            return {}
+        return {k: float(v) for k, v in zip(lines[0].split(","), lines[-1].split(","))}
+
     def write(self, row: dict):
         with open(self.path, "a") as f:
             if self.columns is None:
@@ -59,7 +71,7 @@ def clock(device) -> float:
     return time.perf_counter()
 
 
-# ---------------------------------------------------------------- checkpoints and failures (SPEC section 8)
+# ---------------------------------------------------------------- checkpoints and failures (docs/usage.md)
 def rng_states() -> dict:
     """Every random state of a run: Python, NumPy, torch (CPU and CUDA) and VMAS's own, which VMAS swaps in around
     each reset and step. NumPy states are kept as plain lists, so checkpoints load with weights_only=True."""
@@ -84,6 +96,53 @@ def set_rng_states(rng: dict):
 
 # what a checkpoint must share with a run to resume or evaluate it (world_residual: shacpp.py; actor, norm_obs: ppo.py)
 STRUCTURE = ("scenario", "n_agents", "arch", "world_residual", "actor", "norm_obs")
+CHECKPOINT_SECONDS = 300  # last.pt at least this often, besides every evaluation: a kill loses minutes, not hours
+FINISHED = "finished"  # a file in the run folder, written when the run ends by its budget or by early stopping
+SIGNAL_EXIT = 128  # a run stopped by a signal exits with 128 + its number (130 SIGINT, 143 SIGTERM), as shells do
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Field names set on the command line: --n-agents 3, --n-agents=3, --world-residual, --no-world-residual."""
+    names = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
+    return names | {name[3:] for name in names if name.startswith("no_")}
+
+
+def resume_args(args, argv: list[str]):
+    """--checkpoint: a run folder stands for its last.pt, and the run's own arguments (its args.json) fill in every
+    flag not given on the command line, so a resume or an evaluation needs no retyping. A given flag that would
+    change the networks' shape (STRUCTURE, and shacpp's --num-steps, the world model's horizon) is refused."""
+    path = os.path.join(args.checkpoint, "last.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+    saved_path = os.path.join(os.path.dirname(os.path.abspath(path)), "args.json")
+    if not os.path.isfile(saved_path):  # a checkpoint moved out of its run folder: the command line as given
+        return replace(args, checkpoint=path)
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        sys.exit(f"error: {saved_path} is not readable JSON")
+    given, shaping = given_flags(argv), (*STRUCTURE, "dynamics", *(("num_steps",) if "world_residual" in saved else ()))
+    updates = {}
+    for field in fields(args):
+        name, ours = field.name, getattr(args, field.name)
+        if name == "checkpoint" or name not in saved:
+            continue
+        if name not in given:
+            updates[name] = saved[name]
+        elif name in shaping and ours != saved[name]:
+            sys.exit(f"error: --{name.replace('_', '-')} {ours} contradicts the checkpoint's run ({saved[name]} in "
+                     f"{saved_path}); leave the flag out")
+    return replace(args, checkpoint=path, **updates)
+
+
+def provenance(script: str) -> dict:
+    """What args.json records besides the arguments: the script, the git commit and the library versions."""
+    import vmas
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(script)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(script=os.path.basename(script), git_commit=commit, torch=torch.__version__, vmas=vmas.__version__)
 
 
 def structure(args) -> dict:
@@ -124,52 +183,73 @@ def report_evaluation(checkpoint: str, metrics: dict, frames=None):
 
 
 class NonFiniteGuard:
-    """Applies an optimiser step only if the loss and the gradient are finite, and counts the skipped ones."""
+    """`if guard.finite(loss, grad_norm): optimizer.step()`: an update with a non-finite loss or gradient is skipped
+    and counted; this many in a row end the run (Run.log_train) with last.pt left as the last good one."""
 
-    limit = 10  # this many skipped updates in a row end the run
+    limit = 10
 
     def __init__(self):
         self.skipped = self.in_row = 0
 
-    def step(self, optimizer, loss, params, max_grad_norm: float = math.inf):
-        grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if torch.isfinite(loss + grad_norm):  # one host synchronisation per update, never per simulator step
-            optimizer.step()
-            self.in_row = 0
-        else:
-            self.skipped, self.in_row = self.skipped + 1, self.in_row + 1
-        return grad_norm
+    def finite(self, loss, grad_norm=0.0) -> bool:
+        ok = bool(torch.isfinite(loss + grad_norm))  # one host synchronisation per update, never per simulator step
+        self.skipped, self.in_row = (self.skipped, 0) if ok else (self.skipped + 1, self.in_row + 1)
+        return ok
+
+
+def duration(seconds: float) -> str:
+    """4h05m, 12m30s, 45s."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 class Run:
-    """The run's folder, logs, checkpoints and stop requests (SPEC section 8). A new run gets a new folder under
-    runs/; a resumed one continues in its checkpoint's folder. Ctrl-C or SIGTERM ends the run after the current
-    episode, with last.pt written; a second one aborts at once."""
+    """The run's folder, logs, checkpoints and stop requests. A new run gets a new folder under runs/ (or the one
+    --run-dir names); a resumed one continues in its checkpoint's folder. Ctrl-C or SIGTERM ends the run within
+    seconds (after the current episode, or the current minibatch of a model-training phase), with last.pt written,
+    and the script exits with 128 + the signal's number; a second signal aborts at once."""
 
-    def __init__(self, args, modules: dict, checkpoint: dict | None, algorithm: str):
+    def __init__(self, args, modules: dict, checkpoint: dict | None, algorithm: str, script: str):
         self.modules, self.args, self.algorithm = modules, args, algorithm  # modules: networks and optimisers by name
         self.episode, self.best = (checkpoint["episode"], checkpoint["best"]) if checkpoint else (0, -math.inf)
         if checkpoint:
             self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
-        else:
-            self.dir = os.path.join("runs", f"{args.scenario}__{args.n_agents}__{args.arch}__{args.exp_name}__"
-                                            f"{args.seed}__{int(time.time())}")
-            os.makedirs(self.dir)
+        else:  # a new run; a folder given with --run-dir (sweep.py) that holds no checkpoint starts afresh
+            self.dir = args.run_dir or os.path.join("runs", f"{args.scenario}__{args.n_agents}__{args.arch}__"
+                                                            f"{args.exp_name}__{args.seed}__{int(time.time())}")
+            os.makedirs(self.dir, exist_ok=bool(args.run_dir))
+            for name in ("train.csv", "eval.csv", FINISHED):
+                if os.path.exists(os.path.join(self.dir, name)):
+                    os.remove(os.path.join(self.dir, name))
             with open(os.path.join(self.dir, "args.json"), "w") as f:
-                json.dump(asdict(args) | {"algorithm": algorithm}, f, indent=2)
+                json.dump(asdict(args) | {"algorithm": algorithm} | provenance(script), f, indent=2)
         resume = self.episode if checkpoint else None
         self.train_log = CSVLog(os.path.join(self.dir, "train.csv"), resume)
         self.eval_log = CSVLog(os.path.join(self.dir, "eval.csv"), resume)
         self.start = time.time() - (checkpoint["elapsed"] if checkpoint else 0.0)
-        self.last_print, self.last_eval, self.stop_signal = time.time(), {}, None
+        self.last_eval = self.eval_log.last_row()  # a resumed run shows its last evaluation
+        self.stop_signal, self.phases = None, {}
+        self.last_print = self.last_save = self.session_start = time.time()
+        self.last_step = (self.last_print, self.episode)
         self.guard = NonFiniteGuard()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.on_signal)
 
     def on_signal(self, signum, frame):
-        self.stop_signal = signal.Signals(signum).name
+        self.stop_signal = signal.Signals(signum)
         signal.signal(signum, signal.SIG_DFL)
-        print(f"{self.stop_signal}: stopping after this episode (again to abort at once)", flush=True)
+        print(f"{self.stop_signal.name}: stopping within seconds (again to abort at once)", flush=True)
+
+    def phase(self, name: str, text: str):
+        """A line before a model-training phase that took more than a few seconds last time (or has not run yet);
+        call again with text None when it ends."""
+        if text is None:
+            self.phases[name] = time.time() - self.phases[name]
+        else:
+            if self.phases.get(name, math.inf) > 3:
+                print(text, flush=True)
+            self.phases[name] = time.time()
 
     def save(self, name: str, episode: int):
         """Write a checkpoint atomically: a temporary file, then a rename, so a kill never leaves a broken one."""
@@ -179,10 +259,14 @@ class Run:
         path = os.path.join(self.dir, name)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
+        self.last_save = time.time()
 
     def log_train(self, episode: int, row: dict):
-        """One train.csv row; ends the run if updates keep failing; a progress line every 5 seconds."""
-        elapsed, global_step = time.time() - self.start, episode * self.args.num_envs * self.args.num_steps
+        """One train.csv row; ends the run if updates keep failing; last.pt every few minutes; a progress line every
+        5 seconds: episode k / total, elapsed and time left, steps per second since the last line, training return,
+        the last evaluation (and its episode) and the next one's episode."""
+        now, steps_per_episode = time.time(), self.args.num_envs * self.args.num_steps
+        elapsed, global_step = now - self.start, episode * steps_per_episode
         self.train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, **row,
                                   skipped_updates=self.guard.skipped, sps=global_step / elapsed))
         self.guard.skipped = 0
@@ -191,15 +275,24 @@ class Run:
             sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode "
                      f"{episode}); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else
                                         "no checkpoint had been written yet"))
-        if time.time() - self.last_print > 5:
-            self.last_print = time.time()
-            print(f"episode {episode} sps {global_step / elapsed:.0f} train_return {row['train_return']:.3f} "
-                  f"last eval {self.last_eval.get('normalized_return', math.nan):.3f}", flush=True)
+        if now - self.last_save > CHECKPOINT_SECONDS:
+            self.save("last.pt", episode)
+        if now - self.last_print > 5:
+            done, total = episode - self.episode, self.args.episodes - self.episode  # in this session
+            left = (now - self.session_start) / max(done, 1) * (total - done)
+            sps = (episode - self.last_step[1]) * steps_per_episode / (now - self.last_step[0])
+            evaluated = (f"eval {self.last_eval['normalized_return']:.3f} at {int(self.last_eval['episode'])}"
+                         if self.last_eval else "no eval yet")
+            upcoming = min((episode // self.args.eval_every + 1) * self.args.eval_every, self.args.episodes)
+            print(f"episode {episode}/{self.args.episodes} | {duration(elapsed)} elapsed, ~{duration(left)} left | "
+                  f"{sps:,.0f} steps/s | train return {row['train_return']:.3f} | {evaluated}, next at {upcoming}",
+                  flush=True)
+            self.last_print, self.last_step = now, (now, episode)
 
-    def log_eval(self, episode: int, metrics: dict, frames=None) -> bool:
-        """One eval.csv row, a GIF with --capture-video, best.pt and last.pt; True when the run should stop early."""
-        self.last_eval = metrics
+    def log_eval(self, episode: int, metrics: dict, frames=None):
+        """One eval.csv row, a GIF with --capture-video, best.pt and last.pt."""
         global_step = episode * self.args.num_envs * self.args.num_steps
+        self.last_eval = dict(episode=episode, **metrics)
         self.eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - self.start, **metrics))
         print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
         if frames:
@@ -209,17 +302,18 @@ class Run:
             self.best = metrics["normalized_return"]
             self.save("best.pt", episode)
         self.save("last.pt", episode)
-        if metrics["solved_fraction"] >= self.args.stop_fraction:
-            print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
-                  f"reached {self.args.stop_return:.0%} of max_return")
-            return True
-        return False
 
     def finish(self, episode: int):
-        """At the end (budget, early stop or a stop signal): last.pt and, with --save-model, the networks alone."""
+        """At the end (budget, early stop or a stop signal): last.pt and, with --save-model, the networks alone.
+        A stop by a signal exits with 128 + its number, so a scheduler can tell it from a finished run."""
         self.save("last.pt", episode)
         if self.args.save_model:
             torch.save({name: module.state_dict() for name, module in self.modules.items()
                         if isinstance(module, nn.Module)}, os.path.join(self.dir, "final.pt"))
-        reason = f"stopped by {self.stop_signal}" if self.stop_signal else "done"
-        print(f"{reason} at episode {episode} after {time.time() - self.start:.0f} s: {self.dir}")
+        if not self.stop_signal:  # the mark of a finished run (budget or early stop): sweep.py skips it
+            with open(os.path.join(self.dir, FINISHED), "w") as f:
+                f.write(f"{episode}\n")
+        reason = f"stopped by {self.stop_signal.name}" if self.stop_signal else "done"
+        print(f"{reason} at episode {episode} after {time.time() - self.start:.0f} s: {self.dir}", flush=True)
+        if self.stop_signal:
+            sys.exit(SIGNAL_EXIT + self.stop_signal.value)

@@ -1,4 +1,4 @@
-# Learning curves and the normalised-return table of our runs (SPEC section 9): the layout of the paper's Fig. 4
+# Learning curves and the normalised-return table of our runs: the layout of the paper's Fig. 4
 # and Table 1. Usage: python plot.py runs/ [more run folders or parents] [--x steps|time] [--out FILE] [--pdf]
 import csv
 import itertools
@@ -18,10 +18,14 @@ import tyro  # noqa: E402
 
 COLUMN = {"episodes": "episode", "steps": "global_step", "time": "time"}
 LABEL = {"episodes": "episode", "steps": "environment steps", "time": "wall-clock seconds"}
-COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shac+": "tab:orange", "shacpp": "tab:red"}
+COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shac+": "tab:orange", "shacpp": "tab:red"}  # each default
+VARIANT_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "gold", "navy", "lime", "teal",
+                   "maroon", "darkkhaki", "coral")  # every other configuration gets one of its own, by label
 STYLES = {"mlp": "-", "transformer": "--"}
-VARIANT_MARKERS = ("x", "+", "^", "s", "v", "d")  # each variant of a panel has its own
-IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs"}  # runs differing only here: one group
+# arguments that do not make two runs different learners: runs that differ only here form one group
+IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", "run_dir", "exp_name", "episodes",
+           "eval_every", "torch_deterministic", "script", "git_commit", "torch", "vmas"}
+PANEL = {"algorithm", "scenario", "n_agents", "arch", "policy"}  # shown by the panel or the label's start
 REFERENCES = {"heuristic": "black", "greedy": "tab:purple", "random": "tab:gray", "zero": "tab:brown"}  # reference.py
 
 
@@ -58,28 +62,44 @@ def load(run: str):
     return (args, rows) if rows else None  # a partial last line (run still writing) is left out above
 
 
-def label(args: dict) -> str:
-    algorithm = args.get("algorithm", args.get("exp_name"))
-    name = args.get("exp_name", algorithm)
-    return algorithm if name == algorithm else f"{algorithm} ({name})"
-
-
-def column(args: dict) -> str:
-    """A learner's column names its architecture; a reference controller (reference.py) has none."""
-    return label(args) if args.get("algorithm") in REFERENCES else f"{label(args)} {args['arch']}"
-
-
 def group(runs: list[str]) -> dict:
-    """Runs whose arguments differ only by seed form one group: key -> list of (args, eval rows), one per seed."""
+    """Runs whose arguments differ only by seed (and IGNORED) form one group: key -> list of (args, eval rows)."""
     groups = defaultdict(list)
     for run in runs:
         loaded = load(run)
         if loaded is None:
             print(f"skipping {run}: no evaluation yet")
             continue
-        args = loaded[0]
-        groups[tuple(sorted((k, str(v)) for k, v in args.items() if k not in IGNORED))].append(loaded)
+        groups[tuple(sorted((k, json.dumps(v)) for k, v in loaded[0].items() if k not in IGNORED))].append(loaded)
     return groups
+
+
+def labels(groups: dict) -> dict:
+    """key -> label: the algorithm (and, for a learner, its architecture), then what sets the group apart from the
+    other groups of that algorithm and architecture: its experiment name when no other configuration uses it, or
+    else the arguments that differ among them, as name=value. One configuration has one label in every panel."""
+    kinds = defaultdict(list)
+    for key, seeds in groups.items():
+        args = seeds[0][0]
+        kinds[args["algorithm"] if args["algorithm"] in REFERENCES else f"{args['algorithm']} {args['arch']}"].append(key)
+    out = {}
+    for base, keys in kinds.items():
+        configs = [{k: v for k, v in key if k not in PANEL} for key in keys]  # the configuration, panel aside
+        differing = sorted({k for c in configs for k in c if len({d.get(k) for d in configs}) > 1})
+        names = [{args.get("exp_name") for args, _ in groups[key]} for key in keys]
+        users = defaultdict(set)  # experiment name -> the configurations that use it
+        for config, name in zip(configs, names):
+            for n in name:
+                users[n].add(tuple(sorted(config.items())))
+        for key, config, name in zip(keys, configs, names):
+            own = next(iter(name)) if len(name) == 1 else None
+            if own not in (None, groups[key][0][0]["algorithm"]) and len(users[own]) == 1 and len(keys) > 1:
+                out[key] = f"{base} [{own}]"
+            elif differing:
+                out[key] = f"{base} (" + ", ".join(f"{k}={json.loads(config[k])}" for k in differing if k in config) + ")"
+            else:
+                out[key] = base
+    return out
 
 
 def curve(seeds, x: str):
@@ -104,23 +124,26 @@ def curve(seeds, x: str):
     return xs, means, stds
 
 
+def is_reference(seeds) -> bool:
+    return seeds[0][0]["algorithm"] in REFERENCES
+
+
 def table(groups: dict) -> str:
-    """The paper's Table 1: best normalized return of each run, mean over seeds, per algorithm x scenario x agents x
-    architecture; the best learner of each row in bold. Reference controllers (one evaluation each) follow the
-    learners as their own columns, never bold."""
-    cells, columns = {}, set()
-    for seeds in groups.values():
-        args = seeds[0][0]
+    """The paper's Table 1: best normalized return of each run, mean over seeds (their count in brackets), per
+    group x scenario x agents; the best learner of each row in bold. Reference controllers (one evaluation each)
+    follow the learners as their own columns, never bold."""
+    names, cells = labels(groups), {}
+    for key, seeds in groups.items():
         best = [max(r["normalized_return"] for r in rows) for _, rows in seeds]
-        cells[(args["scenario"], args["n_agents"], column(args))] = (sum(best) / len(best), len(best))
-        columns.add(column(args))
-    columns = sorted(columns, key=lambda c: (c in REFERENCES, c))
+        cells[(seeds[0][0]["scenario"], seeds[0][0]["n_agents"], names[key])] = (sum(best) / len(best), len(best))
+    references = {names[key] for key, seeds in groups.items() if is_reference(seeds)}
+    columns = sorted(set(names.values()), key=lambda c: (c in references, c))
     lines = ["| scenario | agents | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for scenario, agents in sorted({key[:2] for key in cells}):
         row = [cells.get((scenario, agents, c)) for c in columns]
-        top = max((cell[0] for c, cell in zip(columns, row) if cell and c not in REFERENCES), default=None)
+        top = max((cell[0] for c, cell in zip(columns, row) if cell and c not in references), default=None)
         text = []
-        for cell in row:  # "mean (seeds)"; empty where that algorithm did not run
+        for cell in row:  # "mean (seeds)"; empty where that group did not run
             value = "" if cell is None else f"{cell[0]:.3f}"
             text.append("" if cell is None else (f"**{value}**" if cell[0] == top else value) + f" ({cell[1]})")
         lines.append(f"| {scenario} | {agents} | " + " | ".join(text) + " |")
@@ -128,42 +151,48 @@ def table(groups: dict) -> str:
 
 
 def plot(groups: dict, x: str, out: str, pdf: bool):
-    """One panel per (scenario, agents): scenarios across, agent counts down; a line and a +-std band per group."""
+    """One panel per (scenario, agents): scenarios across, agent counts down; a line and a +-std band per group, a
+    dotted level per reference controller; one legend for the figure, below the panels."""
+    names = labels(groups)
+    variants = sorted({names[key] for key, seeds in groups.items() if not is_reference(seeds)
+                       and names[key] != f"{seeds[0][0]['algorithm']} {seeds[0][0]['arch']}"})
+    colour = dict(zip(variants, itertools.cycle(VARIANT_COLOURS)))  # a default configuration: its algorithm's
     scenarios = sorted({seeds[0][0]["scenario"] for seeds in groups.values()})
     counts = sorted({seeds[0][0]["n_agents"] for seeds in groups.values()})
-    fig, axes = plt.subplots(len(counts), len(scenarios), figsize=(4.2 * len(scenarios), 3.4 * len(counts)),
+    fig, axes = plt.subplots(len(counts), len(scenarios), figsize=(4.2 * len(scenarios), 3.2 * len(counts)),
                              squeeze=False)
+    legend = {}
     for (row, agents), (col, scenario) in itertools.product(enumerate(counts), enumerate(scenarios)):
         ax = axes[row][col]
-        members = [s for s in groups.values() if (s[0][0]["scenario"], s[0][0]["n_agents"]) == (scenario, agents)]
+        members = [key for key, s in groups.items() if (s[0][0]["scenario"], s[0][0]["n_agents"]) == (scenario, agents)]
         if not members:
             ax.axis("off")
             continue
-        markers = itertools.cycle(VARIANT_MARKERS)
-        for seeds in sorted(members, key=lambda s: (label(s[0][0]), s[0][0].get("arch", ""))):
-            args = seeds[0][0]
-            if args.get("algorithm") in REFERENCES:  # one evaluation, no curve: a dashed level across the panel
+        for key in sorted(members, key=lambda k: names[k]):
+            seeds, args = groups[key], groups[key][0][0]
+            tag = f"{names[key]} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+            if is_reference(seeds):  # one evaluation, no curve: a dotted level across the panel
                 level = sum(rows[-1]["normalized_return"] for _, rows in seeds) / len(seeds)
-                ax.axhline(level, linestyle="--", linewidth=1, color=REFERENCES[args["algorithm"]],
-                           label=f"{label(args)} (reference, {len(seeds)} seed{'s' * (len(seeds) > 1)})")
+                legend[f"{names[key]} (reference)"] = ax.axhline(level, linestyle=":", linewidth=1.5, label=(
+                    f"{names[key]} (reference)"), color=REFERENCES[args["algorithm"]])
                 continue
             xs, means, stds = curve(seeds, x)
-            variant = label(args) != args.get("algorithm")  # e.g. a reduced configuration: same colour, lighter
-            line, = ax.plot(xs, means, STYLES[args["arch"]], marker=next(markers) if variant else ".", markersize=4,
-                            color=COLOURS.get(args.get("algorithm")), alpha=0.6 if variant else 1.0,
-                            label=f"{label(args)} {args['arch']} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+            line, = ax.plot(xs, means, STYLES[args["arch"]], marker=".", markersize=4, linewidth=1.5, label=tag,
+                            color=colour.get(names[key], COLOURS.get(args["algorithm"])))
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+            legend.setdefault(tag, line)
         ax.set(title=f"{scenario}, {agents} agent{'s' * (agents > 1)}", xlabel=LABEL[x], ylabel="normalized return")
         low, high = ax.get_ylim()
         ax.set_ylim(min(low, -0.02), max(high, 1.05))  # a level at 1 (solved) stays visible off the frame
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8,
+               ncol=max(1, min(3, len(scenarios))), frameon=False)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=150, bbox_inches="tight")  # the legend below the panels is kept
     if pdf:
-        fig.savefig(os.path.splitext(out)[0] + ".pdf")
+        fig.savefig(os.path.splitext(out)[0] + ".pdf", bbox_inches="tight")
 
 
 if __name__ == "__main__":

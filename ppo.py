@@ -4,9 +4,6 @@
 # are flags, off by default: each slowed PPO on transport (orthogonal init, Adam eps 1e-5, learning-rate annealing,
 # observation normalisation; measured in docs/ppo.md). --actor decentralised: Yu et al. 2022's MAPPO (the paper's
 # MAPPO is centralised).
-import contextlib
-import io
-import itertools
 import math
 import os
 import random
@@ -22,7 +19,7 @@ import vmas
 from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 
-from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation
+from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
 
@@ -38,7 +35,7 @@ class Args:
     cuda: bool = True
     """if toggled, run everything (simulator included) on CUDA when it is available"""
     scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "dispersion"
-    """the VMAS scenario (SPEC section 2)"""
+    """the VMAS scenario (docs/scenarios.md)"""
     n_agents: int = 1
     """number of agents"""
     arch: Literal["mlp", "transformer"] = "mlp"
@@ -66,7 +63,10 @@ class Args:
     capture_video: bool = False
     """at every evaluation, render evaluation environment 0 to a GIF (VMAS renderer)"""
     checkpoint: str = ""
-    """resume from this checkpoint (last.pt or best.pt); with --episodes 0, only evaluate it"""
+    """resume from this checkpoint (last.pt or best.pt, or a run folder for its last.pt) with the run's own arguments
+    except those given; with --episodes 0, only evaluate it"""
+    run_dir: str = ""
+    """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 
     # PPO: CleanRL's ppo_continuous_action.py, with its implementation details on by default
     actor: Literal["centralised", "decentralised"] = "centralised"
@@ -104,14 +104,11 @@ class Args:
 
 
 def parse_args() -> Args:
-    """tyro.cli, with a bad argument reported as one line on stderr (tyro draws a box) and checked ranges."""
-    box = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(box):
-            args = tyro.cli(Args)
-    except SystemExit as e:
-        lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
-        sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
+    """tyro.cli (a bad flag or value is reported by tyro, with its suggestions), then what it cannot check: ranges,
+    and with --checkpoint the run's own arguments for every flag not given (bookkeeping.resume_args)."""
+    args = tyro.cli(Args)
+    if args.checkpoint:
+        args = resume_args(args, sys.argv[1:])
     for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
         if type(value) is int and name not in ("seed", "episodes") and value < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
@@ -122,7 +119,7 @@ def parse_args() -> Args:
     return args
 
 
-# ---------------------------------------------------------------- environments (SPEC section 2)
+# ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
 class Dispersion(VmasDispersion):
     """VMAS dispersion with the agents evenly spaced on a circle of radius 0.05 (the paper's change:
     stock VMAS starts every agent at the origin, which gives them identical observations)."""
@@ -190,7 +187,7 @@ def step(env, action: torch.Tensor):
     return torch.stack(obs, dim=1), torch.stack(rewards, dim=1), dones
 
 
-# ---------------------------------------------------------------- networks (SPEC section 4)
+# ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
     """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
 
@@ -227,7 +224,7 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
 
 @torch.no_grad()
 def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False, render: bool = False):
-    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md).
     Returns the metrics and a dict with, if `record`, the trajectory (time first) for the model accuracies of
     SHAC++ and, if `render`, the frames of environment 0."""
     obs, best = reset(env)
@@ -358,7 +355,7 @@ if __name__ == "__main__":
         metrics, extras = evaluate(policy_mean, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
         report_evaluation(args.checkpoint, metrics, extras.get("frames"))
         sys.exit(0)
-    run = Run(args, modules, checkpoint, ALGORITHM)
+    run = Run(args, modules, checkpoint, ALGORITHM, __file__)
     print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
 
     # rollout storage, preallocated
@@ -422,8 +419,10 @@ if __name__ == "__main__":
                 loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = run.guard.step(optimizer, loss, [*policy.parameters(), *value_model.parameters()],
-                                           args.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()],
+                                                     args.max_grad_norm)
+                if run.guard.finite(loss, grad_norm):  # a non-finite update is skipped (and counted)
+                    optimizer.step()
                 with torch.no_grad():
                     approx_kl = masked_mean((ratio - 1) - logratio)
                     clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float())
@@ -445,7 +444,10 @@ if __name__ == "__main__":
         if episode % args.eval_every == 0 or episode == args.episodes:
             metrics, extras = evaluate(policy_mean, eval_env, args.eval_steps, args.stop_return,
                                        render=args.capture_video)
-            if run.log_eval(episode, metrics | dict(eval_time=clock(device) - t2), extras.get("frames")):
+            run.log_eval(episode, metrics | dict(eval_time=clock(device) - t2), extras.get("frames"))
+            if metrics["solved_fraction"] >= args.stop_fraction:  # early stop (paper section 4): most envs solved
+                print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
+                      f"reached {args.stop_return:.0%} of max_return")
                 break
         if run.stop_signal:
             break

@@ -1,7 +1,4 @@
 # SHAC through the differentiable VMAS simulator, the baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
-import contextlib
-import io
-import itertools
 import math
 import os
 import random
@@ -17,7 +14,7 @@ import vmas
 from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 
-from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation
+from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
 
@@ -32,8 +29,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, run everything (simulator included) on CUDA when it is available"""
-    scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "dispersion"
-    """the VMAS scenario (SPEC section 2)"""
+    scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "transport"
+    """the VMAS scenario (docs/scenarios.md)"""
     n_agents: int = 1
     """number of agents"""
     arch: Literal["mlp", "transformer"] = "mlp"
@@ -61,9 +58,12 @@ class Args:
     capture_video: bool = False
     """at every evaluation, render evaluation environment 0 to a GIF (VMAS renderer)"""
     checkpoint: str = ""
-    """resume from this checkpoint (last.pt or best.pt); with --episodes 0, only evaluate it"""
+    """resume from this checkpoint (last.pt or best.pt, or a run folder for its last.pt) with the run's own arguments
+    except those given; with --episodes 0, only evaluate it"""
+    run_dir: str = ""
+    """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 
-    # SHAC (SPEC section 6)
+    # SHAC (Xu et al. 2022; docs/shac.md)
     learning_rate: float = 1e-3
     """Adam learning rate of every network"""
     gamma: float = 0.99
@@ -83,14 +83,11 @@ class Args:
 
 
 def parse_args() -> Args:
-    """tyro.cli, with a bad argument reported as one line on stderr (tyro draws a box) and checked ranges."""
-    box = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(box):
-            args = tyro.cli(Args)
-    except SystemExit as e:
-        lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
-        sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
+    """tyro.cli (a bad flag or value is reported by tyro, with its suggestions), then what it cannot check: ranges,
+    and with --checkpoint the run's own arguments for every flag not given (bookkeeping.resume_args)."""
+    args = tyro.cli(Args)
+    if args.checkpoint:
+        args = resume_args(args, sys.argv[1:])
     for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
         if type(value) is int and name not in ("seed", "episodes") and value < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
@@ -101,7 +98,7 @@ def parse_args() -> Args:
     return args
 
 
-# ---------------------------------------------------------------- environments (SPEC section 2)
+# ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
 class Dispersion(VmasDispersion):
     """VMAS dispersion with the agents evenly spaced on a circle of radius 0.05 (the paper's change:
     stock VMAS starts every agent at the origin, which gives them identical observations)."""
@@ -169,7 +166,7 @@ def step(env, action: torch.Tensor):
     return torch.stack(obs, dim=1), torch.stack(rewards, dim=1), dones
 
 
-# ---------------------------------------------------------------- networks (SPEC section 4)
+# ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
     """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
 
@@ -206,7 +203,7 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
 
 @torch.no_grad()
 def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False, render: bool = False):
-    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md).
     Returns the metrics and a dict with, if `record`, the trajectory (time first) for the model accuracies of
     SHAC++ and, if `render`, the frames of environment 0."""
     obs, best = reset(env)
@@ -240,7 +237,7 @@ def seed_everything(seed: int, deterministic: bool):
     torch.backends.cudnn.deterministic = deterministic
 
 
-# ---------------------------------------------------------------- SHAC (SPEC section 6)
+# ---------------------------------------------------------------- SHAC (Xu et al. 2022)
 def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
     """Truncated TD(lambda) targets of the paper (section 2.3), by the recursion
     G_t = r_t + gamma (1 - d_t) ((1 - lam) V(s_{t+1}) + lam G_{t+1}), with G_T = V(s_T) (bootstrap at the window end).
@@ -275,13 +272,15 @@ def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated
     loss = -window_return + args.alpha * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
-    grad_norm = guard.step(optimizer, loss, policy.parameters(), args.max_grad_norm)
+    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    if guard.finite(loss, grad_norm):  # a non-finite update is skipped (and counted)
+        optimizer.step()
     return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
                 mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
 
 
 def cut_graph(env):
-    """Start a new differentiable window (SPEC section 2): detach the simulator's state, and transport's shaping
+    """Start a new differentiable window: detach the simulator's state, and transport's shaping
     term, which the scenario keeps between steps; otherwise the next backward pass runs into a freed graph."""
     env.world.zero_grad()
     for package in getattr(env.scenario, "packages", []):
@@ -289,13 +288,14 @@ def cut_graph(env):
 
 
 def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: int, guard: NonFiniteGuard):
-    """Regress V on the TD(lambda) targets of the current rollout (SPEC section 6); obs (M, n, o), targets (M, n)."""
+    """Regress V on the TD(lambda) targets of the current rollout (as original SHAC); obs (M, n, o), targets (M, n)."""
     for _ in range(epochs):
         for idx in torch.randperm(len(obs), device=obs.device).chunk(minibatches):
             loss = ((value_model(obs[idx]).squeeze(-1) - targets[idx]) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            guard.step(optimizer, loss, value_model.parameters())
+            if guard.finite(loss):  # a non-finite update is skipped (and counted)
+                optimizer.step()
     return loss.detach()
 
 
@@ -310,7 +310,7 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh: the penalty bounds it)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     policy_opt, value_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
                              for m in (policy, value_model))
@@ -321,7 +321,7 @@ if __name__ == "__main__":
         metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
         report_evaluation(args.checkpoint, metrics, extras.get("frames"))
         sys.exit(0)
-    run = Run(args, modules, checkpoint, ALGORITHM)
+    run = Run(args, modules, checkpoint, ALGORITHM, __file__)
     print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
 
     # rollout storage, time first, preallocated
@@ -352,7 +352,7 @@ if __name__ == "__main__":
         rewards, means = torch.stack(rewards), torch.stack(means)
         rew_buf.copy_(rewards.detach())
 
-        # ---- policy step on the true rewards and V(s_T), gradients through the physics (SPEC section 6)
+        # ---- policy step on the true rewards and V(s_T), gradients through the physics (SHAC, Xu et al. 2022)
         t1 = clock(device)
         stats = policy_step(policy, policy_opt, rewards, value_model(obs).squeeze(-1), means, alive_buf, term_buf, args,
                             run.guard)
@@ -372,10 +372,13 @@ if __name__ == "__main__":
         run.log_train(episode, dict(train_return=train_return, **row, rollout_time=t1 - t0, policy_time=t2 - t1,
                                     value_time=t3 - t2))
 
-        # ---- evaluation, checkpoints and early stopping (SPEC sections 3 and 8)
+        # ---- evaluation, checkpoints and early stopping (paper section 4)
         if episode % args.eval_every == 0 or episode == args.episodes:
             metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
-            if run.log_eval(episode, metrics | dict(eval_time=clock(device) - t3), extras.get("frames")):
+            run.log_eval(episode, metrics | dict(eval_time=clock(device) - t3), extras.get("frames"))
+            if metrics["solved_fraction"] >= args.stop_fraction:  # early stop (paper section 4): most envs solved
+                print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
+                      f"reached {args.stop_return:.0%} of max_return")
                 break
         if run.stop_signal:
             break

@@ -1,7 +1,11 @@
-# SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style single file
-import contextlib
-import io
-import itertools
+# SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style single file.
+# Reader's map, the paper's Algorithm 1 -> this file (docs/shacpp.md explains every argument and logged column):
+#   lines 1-4    networks pi, V, R, F and optimisers   -> __main__, "policy = ..."; WorldModel, RewardModel
+#   line 6       rollout s, a, r ~ E(pi)               -> __main__, "# ---- rollout" (SHAC+: a differentiable one)
+#   lines 7-9    s^ = F(s_0, a), r^ = R(s^), v^ = V(s^) -> imagine()
+#   line 10      policy step on L'_pi (section 3)      -> policy_step(): loss, gradient clipping, optimizer.step()
+#   lines 11-13  value, reward, world model steps      -> fit() on each BinnedCache, every K episodes (cool-down)
+#   early stop   90% of eval envs at 90% of best       -> __main__, "# ---- evaluation"
 import math
 import os
 import random
@@ -17,7 +21,7 @@ import vmas
 from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 
-from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation
+from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
 
@@ -33,7 +37,7 @@ class Args:
     cuda: bool = True
     """if toggled, run everything (simulator included) on CUDA when it is available"""
     scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "dispersion"
-    """the VMAS scenario (SPEC section 2)"""
+    """the VMAS scenario (docs/scenarios.md)"""
     n_agents: int = 1
     """number of agents"""
     arch: Literal["mlp", "transformer"] = "mlp"
@@ -61,9 +65,12 @@ class Args:
     capture_video: bool = False
     """at every evaluation, render evaluation environment 0 to a GIF (VMAS renderer)"""
     checkpoint: str = ""
-    """resume from this checkpoint (last.pt or best.pt); with --episodes 0, only evaluate it"""
+    """resume from this checkpoint (last.pt or best.pt, or a run folder for its last.pt) with the run's own arguments
+    except those given; with --episodes 0, only evaluate it"""
+    run_dir: str = ""
+    """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 
-    # SHAC++ (SPEC section 5)
+    # SHAC++ (paper section 3; docs/shacpp.md)
     dynamics: Literal["model", "simulator"] = "model"
     """model: SHAC++, gradients through the learned world model; simulator: SHAC+ (the paper's ablation, Table 1),
     gradients through VMAS's differentiable physics and only the reward learned (no world model)"""
@@ -114,14 +121,11 @@ class Args:
 
 
 def parse_args() -> Args:
-    """tyro.cli, with a bad argument reported as one line on stderr (tyro draws a box) and checked ranges."""
-    box = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(box):
-            args = tyro.cli(Args)
-    except SystemExit as e:
-        lines = [line.strip("│ ") for line in box.getvalue().splitlines()[1:]]
-        sys.exit(f"error: {' '.join(itertools.takewhile(lambda l: not l.startswith('─'), lines))}" if e.code else 0)
+    """tyro.cli (a bad flag or value is reported by tyro, with its suggestions), then what it cannot check: ranges,
+    and with --checkpoint the run's own arguments for every flag not given (bookkeeping.resume_args)."""
+    args = tyro.cli(Args)
+    if args.checkpoint:
+        args = resume_args(args, sys.argv[1:])
     for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
         if type(value) is int and name not in ("seed", "episodes") and value < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
@@ -132,7 +136,7 @@ def parse_args() -> Args:
     return args
 
 
-# ---------------------------------------------------------------- environments (SPEC section 2)
+# ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
 class Dispersion(VmasDispersion):
     """VMAS dispersion with the agents evenly spaced on a circle of radius 0.05 (the paper's change:
     stock VMAS starts every agent at the origin, which gives them identical observations)."""
@@ -200,7 +204,7 @@ def step(env, action: torch.Tensor):
     return torch.stack(obs, dim=1), torch.stack(rewards, dim=1), dones
 
 
-# ---------------------------------------------------------------- networks (SPEC section 4)
+# ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
     """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
 
@@ -237,7 +241,7 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
 
 @torch.no_grad()
 def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False, render: bool = False):
-    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (SPEC section 3).
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md).
     Returns the metrics and a dict with, if `record`, the trajectory (time first) for the model accuracies of
     SHAC++ and, if `render`, the frames of environment 0."""
     obs, best = reset(env)
@@ -271,7 +275,7 @@ def seed_everything(seed: int, deterministic: bool):
     torch.backends.cudnn.deterministic = deterministic
 
 
-# ---------------------------------------------------------------- SHAC++ (SPEC sections 4 and 5)
+# ---------------------------------------------------------------- SHAC++ (paper section 3)
 class WorldModel(nn.Module):
     """Non-recursive action world model F(s_0, a_0..a_{T-1}) -> s_1..s_T, in one forward pass (paper section 3).
     One token per (step, agent): step 0 holds the embedded s_0, step t >= 1 the embedded a_{t-1}.
@@ -408,7 +412,9 @@ def policy_step(policy, optimizer, rewards, last_value, penalized, alive, termin
     loss = -window_return + args.alpha * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
-    grad_norm = guard.step(optimizer, loss, policy.parameters(), args.max_grad_norm)
+    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    if guard.finite(loss, grad_norm):  # a non-finite update is skipped (and counted)
+        optimizer.step()
     return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
                 grad_norm=grad_norm)
 
@@ -431,17 +437,23 @@ def cut_graph(env):
         package.global_shaping = package.global_shaping.detach()
 
 
-def fit(model, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int, guard: NonFiniteGuard):
+def fit(name: str, optimizer, cache: BinnedCache, loss_and_accuracy, epochs: int, minibatch: int, run: Run):
     """Train a model for `epochs` passes' worth of minibatches drawn from its cache (Algorithm 1, lines 11-13);
-    returns the mean loss and accuracy over those minibatches (NaN for an empty cache, e.g. just after a resume)."""
+    returns the mean loss and accuracy over those minibatches (NaN for an empty cache, e.g. just after a resume).
+    A stop signal ends it after the current minibatch."""
     totals, steps = torch.zeros(2, device=cache.device), epochs * math.ceil(len(cache) / minibatch)
-    for _ in range(steps):
+    run.phase(name, f"training the {name} on {len(cache):,} cached items ({steps:,} minibatches of {minibatch}) ...")
+    done = 0
+    while done < steps and not run.stop_signal:
         loss, accuracy = loss_and_accuracy(cache.sample(minibatch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        guard.step(optimizer, loss, model.parameters())
+        if run.guard.finite(loss):  # a non-finite update is skipped (and counted)
+            optimizer.step()
         totals += torch.stack([loss.detach(), accuracy.detach()])
-    return tuple(totals / steps) if steps else (torch.tensor(math.nan, device=cache.device),) * 2
+        done += 1
+    run.phase(name, None)
+    return tuple(totals / done) if done else (torch.tensor(math.nan, device=cache.device),) * 2
 
 
 if __name__ == "__main__":
@@ -460,7 +472,7 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh, SPEC 4)
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh: the penalty bounds it)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
     policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
@@ -480,7 +492,7 @@ if __name__ == "__main__":
         metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
         report_evaluation(args.checkpoint, metrics, extras.get("frames"))
         sys.exit(0)
-    run = Run(args, modules, checkpoint, algorithm)  # the caches are not saved: a resumed run refills them
+    run = Run(args, modules, checkpoint, algorithm, __file__)  # the caches are not saved: a resumed run refills them
     print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
 
     def world_loss(batch):  # L_F: MSE of the predicted s_1..s_T (paper section 3)
@@ -497,7 +509,7 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def model_accuracy(traj) -> dict:
-        """World and reward accuracy on an evaluation rollout, cut into windows of T steps (SPEC section 5.7);
+        """World and reward accuracy on an evaluation rollout, cut into windows of T steps;
         NaN world accuracy for SHAC+, which has no world model."""
         hits = torch.zeros(2, device=device)
         total = torch.zeros(2, device=device)
@@ -550,7 +562,7 @@ if __name__ == "__main__":
         # the paper's section 3: the models receive the unclamped sample and the penalty acts on it (--penalty sample)
         actions, penalized = (samples, samples) if args.penalty == "sample" else (samples.clamp(-1.0, 1.0), means)
 
-        # ---- caches (SPEC 5.5): rollouts and transitions of live environments, value targets from real data (5.6)
+        # ---- binned caches (paper section 3): rollouts and transitions of live environments; value targets from real data
         with torch.no_grad():
             values = value_model(obs_buf).squeeze(-1)  # V on the real observations s_0..s_T
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
@@ -573,14 +585,14 @@ if __name__ == "__main__":
         # ---- cool-down: the value, reward and world models train every K episodes (Algorithm 1, lines 11-13)
         stats |= dict(value_loss=nan, value_accuracy=nan, reward_loss=nan, reward_accuracy=nan, world_loss=nan,
                       world_accuracy=nan)
-        for name, every, model, opt, cache, loss_fn in (
-                ("value", args.value_every, value_model, value_opt, value_cache, value_loss),
-                ("reward", args.reward_every, reward_model, reward_opt, reward_cache, reward_loss),
-                *(() if shac_plus else [("world", args.world_every, world_model, world_opt, world_cache, world_loss)])):
+        for name, every, opt, cache, loss_fn in (
+                ("value", args.value_every, value_opt, value_cache, value_loss),
+                ("reward", args.reward_every, reward_opt, reward_cache, reward_loss),
+                *(() if shac_plus else [("world", args.world_every, world_opt, world_cache, world_loss)])):
             times[f"{name}_time"] = clock(device)
             if episode % every == 0:
                 stats[f"{name}_loss"], stats[f"{name}_accuracy"] = fit(
-                    model, opt, cache, loss_fn, args.model_epochs, args.model_minibatch, run.guard)
+                    f"{name} model", opt, cache, loss_fn, args.model_epochs, args.model_minibatch, run)
         times["end"] = clock(device)  # each phase's duration: the next phase's start minus its own
         durations = dict(zip(list(times)[:-1], np.diff(list(times.values())).tolist()))
 
@@ -589,12 +601,15 @@ if __name__ == "__main__":
         row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
         run.log_train(episode, dict(train_return=train_return, **row, **durations))
 
-        # ---- evaluation, checkpoints and early stopping (SPEC sections 3 and 8)
+        # ---- evaluation, checkpoints and early stopping (paper section 4)
         if episode % args.eval_every == 0 or episode == args.episodes:
             metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, record=True,
                                        render=args.capture_video)
             metrics |= model_accuracy(extras) | dict(eval_time=clock(device) - times["end"])
-            if run.log_eval(episode, metrics, extras.get("frames")):
+            run.log_eval(episode, metrics, extras.get("frames"))
+            if metrics["solved_fraction"] >= args.stop_fraction:  # early stop (paper section 4): most envs solved
+                print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
+                      f"reached {args.stop_return:.0%} of max_return")
                 break
         if run.stop_signal:
             break

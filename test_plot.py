@@ -92,7 +92,38 @@ def test_reference_rows(tmp_path):
     plot.plot(groups, "episodes", str(tmp_path / "r.png"), False)
     (ax,) = plot.plt.gcf().axes
     assert sorted(line.get_label() for line in ax.get_lines()) == [
-        "greedy (reference, 1 seed)", "ppo mlp (1 seed)", "random (reference, 1 seed)"]
+        "greedy (reference)", "ppo mlp (1 seed)", "random (reference)"]
     levels = [line for line in ax.get_lines() if "reference" in line.get_label()]
     assert [line.get_ydata()[0] for line in levels] == [1.0, 0.2]
-    assert all(line.get_linestyle() == "--" and line.get_ydata()[0] == line.get_ydata()[1] for line in levels)
+    assert all(line.get_linestyle() == ":" and line.get_ydata()[0] == line.get_ydata()[1] for line in levels)
+
+
+def test_configurations_are_never_merged(tmp_path):
+    """Two SHAC++ configurations that differ only in --num-steps, both without --exp-name: two groups, two labels
+    naming the difference, two colours, two table columns; seeds of one configuration stay one group."""
+    runs = tmp_path / "runs"
+    for seed, steps, returns in ((1, 32, [0.2, 0.5]), (2, 32, [0.3, 0.4]), (1, 8, [0.6, 1.0])):
+        run = fake_run(runs, "shacpp", "dispersion", seed, returns)
+        args = json.loads((run / "args.json").read_text())
+        (run / "args.json").write_text(json.dumps(args | dict(num_steps=steps, run_dir=str(run))))
+        run.rename(run.with_name(run.name + f"_{steps}"))
+    groups = plot.group(plot.find_runs([str(runs)]))
+    assert sorted(plot.labels(groups).values()) == ["shacpp mlp (num_steps=32)", "shacpp mlp (num_steps=8)"]
+    assert plot.table(groups).splitlines()[2] == "| dispersion | 1 | 0.450 (2) | **1.000** (1) |"
+    plot.plot(groups, "episodes", str(tmp_path / "c.png"), False)
+    (ax,) = plot.plt.gcf().axes
+    lines = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert set(lines) == {"shacpp mlp (num_steps=32) (2 seeds)", "shacpp mlp (num_steps=8) (1 seed)"}
+    assert len(set(lines.values())) == 2
+    assert plot.plt.gcf().legends and not ax.get_legend()  # one legend, outside the panels
+
+
+def test_experiment_names_label_their_configuration(tmp_path):
+    runs = tmp_path / "runs"
+    for name, steps in (("fast", 8), ("paper", 32)):
+        run = fake_run(runs, "shacpp", "dispersion", 1, [0.5])
+        args = json.loads((run / "args.json").read_text())
+        (run / "args.json").write_text(json.dumps(args | dict(exp_name=name, num_steps=steps)))
+        run.rename(run.with_name(run.name + name))
+    labels = plot.labels(plot.group(plot.find_runs([str(runs)])))
+    assert sorted(labels.values()) == ["shacpp mlp [fast]", "shacpp mlp [paper]"]

@@ -1,4 +1,4 @@
-"""Reliability (SPEC section 8): checkpoints, resume, evaluation-only GIFs, stop signals, non-finite updates,
+"""Reliability: checkpoints, resume, evaluation-only GIFs, stop signals, non-finite updates,
 determinism and bad checkpoints. Tiny configurations; run: python -m pytest -q"""
 import glob
 import os
@@ -71,7 +71,7 @@ def test_stop_signal_writes_last_checkpoint(sig, tmp_path):
     time.sleep(1.0)  # a few episodes
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert proc.returncode == 128 + sig.value and "Traceback" not in err, err  # a scheduler can tell it from done
     (run_dir,) = glob.glob(str(tmp_path / "runs/*"))
     episodes = [int(r["episode"]) for r in read_csv(os.path.join(run_dir, "train.csv"))]
     state = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
@@ -105,12 +105,14 @@ def test_guard_skips_non_finite_step():
     before = [p.detach().clone() for p in net.parameters()]
     loss = net(torch.full((2, 3), float("nan"))).sum()
     loss.backward()
-    guard.step(opt, loss, net.parameters())
+    if guard.finite(loss, nn.utils.clip_grad_norm_(net.parameters(), 1.0)):
+        opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and guard.skipped == guard.in_row == 1
     opt.zero_grad()
     loss = net(torch.ones(2, 3)).sum()
     loss.backward()
-    guard.step(opt, loss, net.parameters())
+    if guard.finite(loss, nn.utils.clip_grad_norm_(net.parameters(), 1.0)):
+        opt.step()
     assert not torch.equal(before[0], net.weight) and guard.in_row == 0 and guard.skipped == 1
 
 
@@ -168,7 +170,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run = bookkeeping.Run(ppo.Args(), dict(net=nn.Linear(2, 2)), None, "ppo")
+        run = bookkeeping.Run(ppo.Args(), dict(net=nn.Linear(2, 2)), None, "ppo", ppo.__file__)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

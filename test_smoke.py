@@ -105,13 +105,22 @@ BAD_INPUT = [
     ("shacpp.py", ["--model-minibatch", "0"], "--model-minibatch must be at least 1"),  # algorithm fields too
     ("shacpp.py", ["--world-cache", "10"], "--world-cache must be at least --world-bins"),
 ])
-def test_bad_input_is_one_line(script, bad, message, tmp_path):
+def test_bad_input_is_refused(script, bad, message, tmp_path):
+    """tyro reports what it parses (a box, with suggestions); the ranges it cannot check are one line."""
     out = run_script(script, bad, tmp_path)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
+    if "invalid choice" in message or "Unrecognized" in message:
+        assert message in " ".join(out.stderr.split()), out.stderr
+    else:
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], out.stderr
     assert not os.path.exists(tmp_path / "runs")  # refused before anything was built
+
+
+def test_a_misspelt_flag_gets_a_suggestion(tmp_path):
+    out = run_script("shacpp.py", ["--n-agent", "3"], tmp_path)
+    assert out.returncode != 0 and "Perhaps you meant" in out.stderr and "--n-agents" in out.stderr
 
 
 @pytest.mark.parametrize("scenario", ["transport", "sampling"])
@@ -214,7 +223,7 @@ def test_dispersion_agents_start_on_circle():
 
 
 def blocks(path):
-    """The shared blocks of a training script: parse_args through seed_everything (SPEC section 10)."""
+    """The shared blocks of a training script: parse_args through seed_everything."""
     text = open(os.path.join(HERE, path)).read()
     return text[text.index("def parse_args"):text.index("\n# ----", text.index("def seed_everything"))]
 
