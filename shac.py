@@ -13,6 +13,7 @@ import tyro
 import vmas
 from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
+from vmas.scenarios.sampling import Scenario as VmasSampling
 
 from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
 
@@ -112,6 +113,21 @@ class Dispersion(VmasDispersion):
             agent.set_pos(pos, batch_index=env_index)
 
 
+class Sampling(VmasSampling):
+    """VMAS sampling, with the normalisation of a full reset (the largest density of the Gaussian mixture on the
+    grid) computed at once instead of in a Python loop over the grid's 1,600 points: about 2.5 s per reset less."""
+
+    def nomrlize_pdf(self, env_index=None):  # VMAS's name
+        if env_index is not None:  # one environment: VMAS already does it at once
+            return super().nomrlize_pdf(env_index)
+        x = torch.arange(-self.xdim, self.xdim, self.grid_spacing, device=self.world.device)
+        y = torch.arange(-self.ydim, self.ydim, self.grid_spacing, device=self.world.device)
+        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim, self.world.y_semidim)
+        grid = torch.stack(torch.meshgrid(x, y, indexing="ij"), -1).reshape(-1, 1, 2)  # (points, 1, 2), as VMAS clamps
+        density = sum(gaussian.log_prob(grid).exp() for gaussian in self.gaussians)  # (points, envs)
+        self.max_pdf = torch.maximum(self.max_pdf, density.amax(0))
+
+
 def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, grad_enabled: bool = False):
     kwargs = {
         "dispersion": dict(n_food=n_agents),
@@ -120,8 +136,8 @@ def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, gra
         "sampling": dict(),
     }[scenario]
     env = vmas.make_env(
-        Dispersion() if scenario == "dispersion" else scenario, num_envs=num_envs, device=device,
-        continuous_actions=True, seed=seed, grad_enabled=grad_enabled, n_agents=n_agents, **kwargs,
+        {"dispersion": Dispersion, "sampling": Sampling}.get(scenario, lambda: scenario)(), num_envs=num_envs,
+        device=device, continuous_actions=True, seed=seed, grad_enabled=grad_enabled, n_agents=n_agents, **kwargs,
     )
     env.scenario_name = scenario
     return env

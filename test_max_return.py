@@ -3,8 +3,6 @@ scripted best cases with teleported agents earn it (transport: to 0.01%, discove
 sampling: every cell's best, 0.987-1.0 of the bound), and neither they nor random policies ever earn more."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from vmas.simulator.utils import LINE_MIN_DIST
 import reference
 import shacpp
 from ppo import make_env, max_return, reset, step  # identical in the three training scripts
+from test_smoke import run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -235,9 +234,7 @@ def test_greedy_controller_solves_dispersion(n_agents):
 
 
 def test_reference_refuses_a_policy_a_scenario_lacks(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "reference.py"), "--policy", "heuristic", "--scenario",
-                          "sampling"], capture_output=True, text=True, cwd=tmp_path,
-                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    out = run_script("reference.py", ["--policy", "heuristic", "--scenario", "sampling"], tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "error: there is no heuristic policy for sampling (only for transport and discovery)"]

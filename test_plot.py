@@ -1,13 +1,11 @@
 """plot.py on a synthetic runs folder: seeds grouped, a run still going, a run with no evaluation yet."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import plot
-from test_smoke import ENV, HERE
+from test_smoke import run_script
 
 HEADER = "episode,global_step,time,eval_return,max_return,normalized_return,solved_fraction\n"
 
@@ -33,8 +31,7 @@ def test_plot_groups_seeds_and_prints_table(tmp_path):
     fake_run(runs, "shac", "transport", 1, [0.25])
     empty = fake_run(runs, "shac", "transport", 2, None)  # no evaluation yet
     for x in ("episodes", "steps", "time"):
-        out = subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), str(runs), "--x", x, "--out",
-                              str(tmp_path / f"{x}.png"), "--pdf"], capture_output=True, text=True, env=ENV)
+        out = run_script("plot.py", [str(runs), "--x", x, "--out", str(tmp_path / f"{x}.png"), "--pdf"], tmp_path)
         assert out.returncode == 0, out.stderr
         assert os.path.getsize(tmp_path / f"{x}.png") > 10_000 and os.path.exists(tmp_path / f"{x}.pdf")
     lines = out.stdout.splitlines()
@@ -49,8 +46,7 @@ def test_plot_groups_seeds_and_prints_table(tmp_path):
 
 def test_plot_says_when_it_found_nothing(tmp_path):
     fake_run(tmp_path, "ppo", "dispersion", 1, None)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), str(tmp_path)], capture_output=True,
-                         text=True, env=ENV, cwd=tmp_path)
+    out = run_script("plot.py", [str(tmp_path)], tmp_path)
     assert out.returncode != 0
     assert out.stderr.strip() == f"error: found no run with an evaluation under {tmp_path}"
     assert not os.path.exists(tmp_path / "results.png")
@@ -79,9 +75,8 @@ def test_reference_rows(tmp_path):
     (random / "args.json").write_text(json.dumps(dict(policy="random", scenario="dispersion", n_agents=1, seed=1,
                                                       algorithm="random")))
     (random / "eval.csv").write_text(HEADER + "0,0,1,0.2,1,0.2,0\n")
-    out = subprocess.run([sys.executable, os.path.join(HERE, "reference.py"), "--policy", "greedy", "--scenario",
-                          "dispersion", "--n-agents", "1", "--eval-envs", "4", "--eval-steps", "100", "--runs",
-                          str(runs)], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    out = run_script("reference.py", ["--policy", "greedy", "--scenario", "dispersion", "--n-agents", "1",
+                                      "--eval-envs", "4", "--eval-steps", "100", "--runs", str(runs)], tmp_path)
     assert out.returncode == 0, out.stderr
     groups = plot.group(plot.find_runs([str(runs)]))
     assert plot.table(groups).splitlines() == [

@@ -1,6 +1,7 @@
 """Reliability: checkpoints, resume, evaluation-only GIFs, stop signals, non-finite updates,
 determinism and bad checkpoints. Tiny configurations; run: python -m pytest -q"""
 import glob
+import json
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import shac
 import shacpp
 from test_smoke import ENV, HERE, SCRIPTS, read_csv, run_script
 
+pytestmark = pytest.mark.slow
 TINY = ["--num-envs", "8", "--num-steps", "4", "--eval-every", "5", "--eval-envs", "4", "--eval-steps", "8"]
 TIME_COLUMNS = {"time", "sps", "rollout_time", "update_time", "policy_time", "value_time", "reward_time",
                 "world_time", "eval_time"}
@@ -200,3 +202,63 @@ def test_checkpoint_for_another_world_model(horizon, residual, message, tmp_path
     assert text.startswith(f"error: checkpoint {path} {message}") and "\n" not in text
     if horizon != 5:
         assert "size mismatch for step_embedding" in text
+
+
+def test_resume_from_a_run_folder_reads_its_arguments(tmp_path):
+    """--checkpoint <run folder> resumes with the run's own arguments (nothing retyped); a flag that would change the
+    networks' shape and contradicts them is one line naming it; args.json records where the run came from."""
+    run_dir, _ = train("shacpp.py", tmp_path, "folder", "--episodes", "5", "--world-residual", "--num-steps", "3")
+    with open(os.path.join(run_dir, "args.json")) as f:
+        saved = json.load(f)
+    assert saved["script"] == "shacpp.py" and saved["torch"] == torch.__version__ and "vmas" in saved
+    assert "git_commit" in saved
+    out = run_script("shacpp.py", ["--checkpoint", run_dir, "--episodes", "10"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "from episode 6" in out.stdout
+    assert [r["episode"] for r in rows(run_dir, "eval.csv")] == ["5", "10"]
+    assert (tmp_path / "runs").exists() and len(os.listdir(tmp_path / "runs")) == 1  # no new run folder
+    out = run_script("shacpp.py", ["--checkpoint", run_dir, "--episodes", "20", "--num-steps", "4"], tmp_path)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        f"error: --num-steps 4 contradicts the checkpoint's run (3 in {run_dir}/args.json); leave the flag out"]
+
+
+def test_signal_during_model_training_stops_within_seconds(tmp_path):
+    """A SIGTERM in a long model-training phase ends the run after the current minibatch, with last.pt written
+    and exit status 143 (128 + SIGTERM) so that a scheduler can tell a preempted run from a finished one."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "shacpp.py"), *TINY, "--episodes", "1000",
+                             "--world-every", "1", "--model-epochs", "100000", "--model-minibatch", "2",
+                             "--exp-name", "long"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    line, deadline = "", time.time() + 120
+    while "training the" not in line and time.time() < deadline:
+        line = proc.stdout.readline()
+    time.sleep(1.0)  # well inside a phase of thousands of minibatches
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 15 and proc.returncode == 143 and "Traceback" not in err, err
+    assert "stopped by SIGTERM at episode 1" in out
+    (run_dir,) = glob.glob(str(tmp_path / "runs/*"))
+    assert torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["episode"] == 1
+    assert not os.path.exists(os.path.join(run_dir, "finished"))
+
+
+def test_wall_clock_checkpoint_and_last_eval_on_resume(tmp_path, monkeypatch):
+    """last.pt is written once CHECKPOINT_SECONDS have passed, not only at evaluations; a resumed run knows its
+    last evaluation (the progress line shows it instead of nothing)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bookkeeping, "CHECKPOINT_SECONDS", 0.0)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run = bookkeeping.Run(ppo.Args(), dict(net=nn.Linear(2, 2)), None, "ppo", ppo.__file__)
+        run.log_train(1, dict(train_return=0.5))
+        assert torch.load(os.path.join(run.dir, "last.pt"), weights_only=True)["episode"] == 1
+        run.log_eval(2, dict(normalized_return=0.25, solved_fraction=0.0))
+        run.save("last.pt", 2)
+        state = torch.load(os.path.join(run.dir, "last.pt"), weights_only=True)
+        resumed = bookkeeping.Run(ppo.Args(checkpoint=os.path.join(run.dir, "last.pt")), dict(net=nn.Linear(2, 2)),
+                                  state, "ppo", ppo.__file__)
+        assert resumed.last_eval["episode"] == 2 and resumed.last_eval["normalized_return"] == 0.25
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)

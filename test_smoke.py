@@ -1,12 +1,17 @@
 """Smoke tests: every script runs end to end on a tiny configuration, bad input fails cleanly,
 and the delicate numerics (GAE, max_return) match hand computations. Run: python -m pytest -q"""
+import contextlib
 import csv
 import glob
+import io
 import json
 import math
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -23,6 +28,32 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread onl
 
 
 def run_script(script, args, cwd):
+    """`python script args` in cwd, run inside this process (no interpreter start and no imports, most of a tiny
+    run's time); returns what subprocess.run would: the exit status, stdout and stderr (a traceback included)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = os.getcwd(), sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.chdir(cwd)
+    sys.argv = [os.path.join(HERE, script), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:  # as the interpreter does: a message goes to stderr with status 1
+        code = e.code if isinstance(e.code, int) else (e.code is not None)
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    except Exception:
+        code = 1
+        err.write(traceback.format_exc())
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        for s, handler in saved[2].items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(sys.argv, int(code), out.getvalue(), err.getvalue())
+
+
+def run_process(script, args, cwd):
+    """`python script args` in a new process: for what needs one (signals, a script that starts others)."""
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300, env=ENV)
 
@@ -47,7 +78,8 @@ CASES = [(script, scenario, 3, arch) for script in ("ppo.py", "shacpp.py") for s
 CASES += [("shac.py", scenario, n, arch) for scenario in ("transport", "sampling") for n, arch in ((1, "mlp"), (3, "transformer"))]
 
 
-@pytest.mark.parametrize("script, scenario, n, arch", CASES)
+@pytest.mark.parametrize("script, scenario, n, arch", [
+    pytest.param(*case, marks=[pytest.mark.slow] if case[1] in ("discovery", "sampling") else []) for case in CASES])
 def test_end_to_end(script, scenario, n, arch, tmp_path):
     extra, train_columns, eval_columns = SCRIPTS[script]
     out = run_script(script, ["--scenario", scenario, "--n-agents", str(n), "--arch", arch, *extra, *TINY], tmp_path)
@@ -65,6 +97,7 @@ def test_end_to_end(script, scenario, n, arch, tmp_path):
     assert os.path.exists(os.path.join(run_dir, "last.pt")) and os.path.exists(os.path.join(run_dir, "best.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario, n, arch", [("transport", 1, "mlp"), ("dispersion", 3, "transformer")])
 def test_shac_plus_end_to_end(scenario, n, arch, tmp_path):
     """shacpp.py --dynamics simulator is SHAC+: its own algorithm name, no world model trained or saved."""
@@ -123,6 +156,7 @@ def test_a_misspelt_flag_gets_a_suggestion(tmp_path):
     assert out.returncode != 0 and "Perhaps you meant" in out.stderr and "--n-agents" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["transport", "sampling"])
 def test_diagnose_compares_gradients(scenario, tmp_path):
     """diagnose.py on a tiny SHAC++ run (with the residual world model): one line per window, and on sampling, where
@@ -231,3 +265,14 @@ def blocks(path):
 def test_shared_blocks_identical():
     """Environment factory, max_return, networks, evaluation and parsing are copies: diff shows only the algorithm."""
     assert blocks("ppo.py") == blocks("shacpp.py") == blocks("shac.py")
+
+
+@pytest.mark.slow
+def test_sampling_normalisation_matches_vmas():
+    """Our Sampling computes a full reset's normalisation at once; it equals VMAS's loop over the grid."""
+    import vmas
+    ours = ppo.make_env("sampling", 2, 16, "cpu", seed=3)
+    ours.reset()  # VMAS reseeds its one random state when an environment is made: make, reset, make, reset
+    stock = vmas.make_env("sampling", num_envs=16, device="cpu", continuous_actions=True, seed=3, n_agents=2)
+    stock.reset()
+    torch.testing.assert_close(ours.scenario.max_pdf, stock.scenario.max_pdf, rtol=1e-5, atol=0)

@@ -6,7 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from test_smoke import ENV, HERE, read_csv
+
+pytestmark = pytest.mark.slow
 
 GRID = ["--scripts", "ppo.py", "--scenarios", "dispersion", "--n-agents", "1", "--archs", "mlp", "--workers", "2"]
 TINY = "--num-envs 8 --num-steps 4 --eval-envs 4 --eval-steps 8 --minibatch-size 16 --eval-every 2"

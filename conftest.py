@@ -1,0 +1,9 @@
+"""Tests run tiny configurations, many inside the pytest process: one thread each, as the training runs use.
+`-m "not slow"` leaves out the tests that start processes, resume runs or reset the slow sampling scenario."""
+import torch
+
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of the fast subset (python -m pytest -m 'not slow')")
