@@ -83,10 +83,11 @@ class Args:
     """lambda of the TD(lambda) value targets"""
     alpha: float = 1.0
     """weight of the action-bound penalty (the paper's alpha)"""
-    penalty: Literal["sample", "mean"] = "sample"
+    penalty: Literal["sample", "mean", "mean-unclamped"] = "sample"
     """sample: the paper's equation (section 3), the penalty on the sampled actions, which the learned models receive
     unclamped (the simulator gets them clamped); mean: the penalty on the policy mean and the clamped sample into the
-    models (the paper's code and this project's first version)"""
+    models (the paper's code and this project's first version); mean-unclamped: the penalty on the mean, the unclamped
+    sample into the models (not in the paper: no pull on the mean inside the bounds; docs/investigation.md)"""
     policy_std: float = 1.0
     """fixed standard deviation of the Gaussian policy"""
     max_grad_norm: float = 1.0
@@ -575,8 +576,9 @@ if __name__ == "__main__":
         obs_buf[T] = obs.detach()
         samples, means = torch.stack(samples), torch.stack(means)
         executed = samples.detach().clamp(-1.0, 1.0)  # what the simulator received: the models learn from these
-        # the paper's section 3: the models receive the unclamped sample and the penalty acts on it (--penalty sample)
-        actions, penalized = (samples, samples) if args.penalty == "sample" else (samples.clamp(-1.0, 1.0), means)
+        # what the models receive and what the penalty acts on (--penalty): the paper's section 3 is "sample"
+        actions, penalized = {"sample": (samples, samples), "mean": (samples.clamp(-1.0, 1.0), means),
+                              "mean-unclamped": (samples, means)}[args.penalty]
 
         # ---- binned caches (paper section 3): rollouts and transitions of live environments; value targets from real data
         with torch.no_grad():

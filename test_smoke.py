@@ -276,3 +276,15 @@ def test_sampling_normalisation_matches_vmas():
     stock = vmas.make_env("sampling", num_envs=16, device="cpu", continuous_actions=True, seed=3, n_agents=2)
     stock.reset()
     torch.testing.assert_close(ours.scenario.max_pdf, stock.scenario.max_pdf, rtol=1e-5, atol=0)
+
+
+def test_shac_runs_with_no_arguments():
+    """shac.py's defaults name a scenario it accepts (transport), so `python shac.py` trains."""
+    import shac
+    assert shac.Args().scenario == "transport"
+
+
+def test_given_flags():
+    import bookkeeping
+    assert bookkeeping.given_flags(["--n-agents", "3", "--arch=mlp", "--no-world-residual", "x"]) == {
+        "n_agents", "arch", "no_world_residual", "world_residual"}
