@@ -19,8 +19,9 @@ import tyro  # noqa: E402
 COLUMN = {"episodes": "episode", "steps": "global_step", "time": "time"}
 LABEL = {"episodes": "episode", "steps": "environment steps", "time": "wall-clock seconds"}
 COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shac+": "tab:orange", "shacpp": "tab:red"}  # each default
-VARIANT_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "gold", "navy", "lime", "teal",
-                   "maroon", "darkkhaki", "coral")  # every other configuration gets one of its own, by label
+VARIANT_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "navy", "lime", "magenta",
+                   "teal", "gold", "maroon", "slategray")  # every other configuration gets one of its own, by label
+VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # and a marker, so that no two look alike
 STYLES = {"mlp": "-", "transformer": "--"}
 # arguments that do not make two runs different learners: runs that differ only here form one group
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", "run_dir", "exp_name", "episodes",
@@ -75,8 +76,8 @@ def group(runs: list[str]) -> dict:
 
 
 def labels(groups: dict) -> dict:
-    """key -> label: the algorithm (and, for a learner, its architecture), then what sets the group apart from the
-    other groups of that algorithm and architecture: its experiment name when no other configuration uses it, or
+    """key -> label: the algorithm (and, for a learner, its architecture), then what sets the configuration apart from
+    the other configurations of that algorithm and architecture: its experiment name when it has one of its own, or
     else the arguments that differ among them, as name=value. One configuration has one label in every panel."""
     kinds = defaultdict(list)
     for key, seeds in groups.items():
@@ -84,21 +85,29 @@ def labels(groups: dict) -> dict:
         kinds[args["algorithm"] if args["algorithm"] in REFERENCES else f"{args['algorithm']} {args['arch']}"].append(key)
     out = {}
     for base, keys in kinds.items():
-        configs = [{k: v for k, v in key if k not in PANEL} for key in keys]  # the configuration, panel aside
-        differing = sorted({k for c in configs for k in c if len({d.get(k) for d in configs}) > 1})
-        names = [{args.get("exp_name") for args, _ in groups[key]} for key in keys]
-        users = defaultdict(set)  # experiment name -> the configurations that use it
-        for config, name in zip(configs, names):
-            for n in name:
-                users[n].add(tuple(sorted(config.items())))
-        for key, config, name in zip(keys, configs, names):
-            own = next(iter(name)) if len(name) == 1 else None
-            if own not in (None, groups[key][0][0]["algorithm"]) and len(users[own]) == 1 and len(keys) > 1:
-                out[key] = f"{base} [{own}]"
-            elif differing:
-                out[key] = f"{base} (" + ", ".join(f"{k}={json.loads(config[k])}" for k in differing if k in config) + ")"
-            else:
+        config = {key: tuple((k, v) for k, v in key if k not in PANEL) for key in keys}  # the panel aside
+        distinct = sorted(set(config.values()))
+        names = defaultdict(set)  # configuration -> its experiment names other than the default (the algorithm's)
+        for key in keys:
+            names[config[key]] |= {a.get("exp_name") for a, _ in groups[key]} - {None, groups[key][0][0]["algorithm"]}
+        owners = defaultdict(set)
+        for c, ns in names.items():
+            for n in ns:
+                owners[n].add(c)
+        as_dicts = [dict(c) for c in distinct]
+        differing = sorted({k for c in as_dicts for k in c if len({d.get(k) for d in as_dicts}) > 1})
+        shared = [k for k in differing if all(k in c for c in as_dicts)]  # an argument older runs lack says less
+        if len({tuple(c.get(k) for k in shared) for c in as_dicts}) == len(as_dicts):
+            differing = shared
+        for key in keys:
+            own = names[config[key]]
+            if len(distinct) == 1:
                 out[key] = base
+            elif len(own) == 1 and len(owners[next(iter(own))]) == 1:
+                out[key] = f"{base} [{next(iter(own))}]"
+            else:
+                c = dict(config[key])
+                out[key] = f"{base} (" + ", ".join(f"{k}={json.loads(c[k])}" for k in differing if k in c) + ")"
     return out
 
 
@@ -157,6 +166,7 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
     variants = sorted({names[key] for key, seeds in groups.items() if not is_reference(seeds)
                        and names[key] != f"{seeds[0][0]['algorithm']} {seeds[0][0]['arch']}"})
     colour = dict(zip(variants, itertools.cycle(VARIANT_COLOURS)))  # a default configuration: its algorithm's
+    marker = dict(zip(variants, itertools.cycle(VARIANT_MARKERS)))
     scenarios = sorted({seeds[0][0]["scenario"] for seeds in groups.values()})
     counts = sorted({seeds[0][0]["n_agents"] for seeds in groups.values()})
     fig, axes = plt.subplots(len(counts), len(scenarios), figsize=(4.2 * len(scenarios), 3.2 * len(counts)),
@@ -177,7 +187,8 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
                     f"{names[key]} (reference)"), color=REFERENCES[args["algorithm"]])
                 continue
             xs, means, stds = curve(seeds, x)
-            line, = ax.plot(xs, means, STYLES[args["arch"]], marker=".", markersize=4, linewidth=1.5, label=tag,
+            line, = ax.plot(xs, means, STYLES[args["arch"]], marker=marker.get(names[key], "."), markersize=4,
+                            linewidth=1.5, label=tag,
                             color=colour.get(names[key], COLOURS.get(args["algorithm"])))
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.15, linewidth=0)
