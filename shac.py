@@ -326,7 +326,7 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh: the penalty bounds it)
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # Gaussian mean (no tanh: the penalty bounds it)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     policy_opt, value_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
                              for m in (policy, value_model))

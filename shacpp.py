@@ -335,7 +335,7 @@ class RewardModel(nn.Module):
 
 
 class BinnedCache:
-    """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; rule in the README).
+    """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; docs/shacpp.md, item 10).
     Each bin holds the newest capacity // bins items whose key falls in it; batches are drawn uniformly from the
     stored items. Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own.
     Invariant: every stored item sits in the bin its key maps to under the *current* range, so when the range
@@ -489,7 +489,7 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # mean of the Gaussian policy (no tanh: the penalty bounds it)
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # Gaussian mean (no tanh: the penalty bounds it)
     value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
     policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
