@@ -1,10 +1,13 @@
 """Throughput benchmark: env steps per second of a training script next to raw VMAS stepping of the same
 configuration, measured in one run.  Example: python bench.py --script ppo.py --scenarios dispersion transport
 With --shacpp-steady: SHAC++ seconds per episode at the paper's settings once the caches are full, from measured
-phase costs (see shacpp_steady_state)."""
+phase costs (see shacpp_steady_state). With --world-attention: one training step of SHAC++'s world model with its
+masked attention over all n (T + 1) tokens against the same attention computed on its structure (docs/speed.md)."""
 import csv
 import glob
 import itertools
+import json
+import math
 import os
 import statistics
 import subprocess
@@ -14,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 import tyro
 
 import shacpp
@@ -42,7 +46,11 @@ class Args:
     shacpp_steady: bool = False
     """measure SHAC++ in steady state (full caches) instead of a script's throughput"""
     repeats: int = 3
-    """--shacpp-steady: timed training steps per model (median)"""
+    """--shacpp-steady, --world-attention: timed training steps per model (median)"""
+    world_attention: bool = False
+    """compare the world model's masked attention with the structured one (--n-agents, --num-steps, --repeats)"""
+    probe: str = ""
+    """internal: `masked,n` or `structured,n`, time one world-model step in this process and print it as JSON"""
 
 
 def raw_seconds_per_rollout(scenario: str, n: int, num_envs: int, num_steps: int, rollouts: int = 10) -> float:
@@ -58,21 +66,31 @@ def raw_seconds_per_rollout(scenario: str, n: int, num_envs: int, num_steps: int
     return statistics.median(times)
 
 
-def train_log(args: Args, script: str, scenario: str, n: int, arch: str, extra: list[str]) -> list[dict]:
-    """The train.csv rows of a short run of a training script (no evaluation)."""
+def run_measured(cmd: list[str], cwd: str | None = None) -> tuple[str, float]:
+    """Run a command to its end; its standard output and its own peak resident memory in MiB (os.wait4's ru_maxrss)."""
+    process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed")
+    return out, usage.ru_maxrss / 1024
+
+
+def train_log(args: Args, script: str, scenario: str, n: int, arch: str, extra: list[str]) -> tuple[list[dict], float]:
+    """The train.csv rows of a short run of a training script (no evaluation), and its peak memory in MiB."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, os.path.abspath(script), "--scenario", scenario, "--n-agents", str(n), "--arch", arch,
                "--num-envs", str(args.num_envs), "--num-steps", str(args.num_steps), "--episodes",
                str(args.episodes), "--eval-every", str(10 ** 9), "--eval-steps", "1", *extra]
-        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True)
+        _, peak = run_measured(cmd, cwd=tmp)
         (path,) = glob.glob(os.path.join(tmp, "runs", "*", "train.csv"))
         with open(path) as f:
-            return list(csv.DictReader(f))
+            return list(csv.DictReader(f)), peak
 
 
 def train_seconds_per_episode(args: Args, scenario: str, n: int, arch: str) -> float:
     """Median seconds per training episode (rollout and updates) from the script's own train.csv."""
-    t = [float(row["time"]) for row in train_log(args, args.script, scenario, n, arch, args.extra.split())]
+    t = [float(row["time"]) for row in train_log(args, args.script, scenario, n, arch, args.extra.split())[0]]
     return statistics.median([b - a for a, b in zip(t, t[1:])][args.episodes // 5:])
 
 
@@ -94,8 +112,8 @@ def shacpp_steady_state(args: Args, scenario: str, n: int, arch: str) -> dict:
     every 10 episodes): the policy episode (rollout, imagination, policy step) is the median of a real run's
     rollout_time + policy_time; each model's training step is timed on random data of the real shapes, and a full
     cache costs 10 x 30 such steps per model, once per 10 episodes."""
-    rows = train_log(args, "shacpp.py", scenario, n, arch, ["--world-every", "1000000", "--reward-every", "1000000",
-                                                           "--value-every", "1000000"])
+    rows, peak = train_log(args, "shacpp.py", scenario, n, arch, ["--world-every", "1000000", "--reward-every",
+                                                                 "1000000", "--value-every", "1000000"])
     policy = statistics.median(float(r["rollout_time"]) + float(r["policy_time"]) for r in rows[2:])
     obs_dim = make_env(scenario, n, 1, "cpu", seed=0).observation_space[0].shape[0]
     B, T = 1000, args.num_steps
@@ -109,15 +127,68 @@ def shacpp_steady_state(args: Args, scenario: str, n: int, arch: str) -> dict:
         "value": seconds_per_step(value, lambda: value(torch.randn(B, n, obs_dim)).square().mean(), args.repeats),
     }
     per_training = 10 * 30000 // B  # epochs x batches of a full cache
-    return dict(policy=policy, **steps, episode=policy + per_training * sum(steps.values()) / 10)
+    return dict(policy=policy, **steps, episode=policy + per_training * sum(steps.values()) / 10, peak=peak)
+
+
+def structured_layer(layer: torch.nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """One of the world model's encoder layers (post-norm, ReLU, one head) on tokens x (B, T + 1, n, d), with its
+    attention computed on the mask's structure: token (t, i) attends to its own agent's steps u <= t and to the other
+    agents at step t, (T + 1) + n - 1 keys instead of (T + 1) n, all in one softmax: the same function as the mask."""
+    attention, (S, n, d) = layer.self_attn, x.shape[1:]
+    q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, -1)  # (B, S, n, d) each
+    own = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * d ** -0.5  # (B, n, S, S): own agent, all steps
+    own = own.masked_fill(torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1), -math.inf).transpose(1, 2)
+    others = (q @ k.transpose(-1, -2) * d ** -0.5).masked_fill(torch.eye(n, dtype=torch.bool, device=x.device),
+                                                              -math.inf)  # (B, S, n, n): same step, other agents
+    p = torch.softmax(torch.cat([own, others], -1), -1)  # (B, S, n, S + n)
+    mixed = (p[..., :S].transpose(1, 2) @ v.transpose(1, 2)).transpose(1, 2) + p[..., S:] @ v
+    x = layer.norm1(x + attention.out_proj(mixed))
+    return layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+
+
+def structured_world_forward(model: shacpp.WorldModel, obs0: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """WorldModel.forward with structured_layer in place of the masked encoder layers (same parameters)."""
+    tokens = torch.cat([model.embed_obs(obs0).unsqueeze(1), model.embed_action(actions)], 1)
+    h = model.norm(tokens + model.step_embedding)
+    for layer in model.encoder.layers:
+        h = structured_layer(layer, h)
+    return model.head(h[:, 1:]) + (obs0.unsqueeze(1) if model.residual else 0)
+
+
+def world_step_probe(kind: str, n: int, args: Args) -> dict:
+    """Median seconds of one Adam step of the world model on 1000 random rollouts (the paper's minibatch)."""
+    torch.manual_seed(0)
+    obs_dim, B, T = 13, 1000, args.num_steps  # dispersion's observation size with 3 agents; the cost barely depends on it
+    model = shacpp.WorldModel(n, obs_dim, T)
+    forward = model if kind == "masked" else lambda o, a: structured_world_forward(model, o, a)
+    seconds = seconds_per_step(model, lambda: forward(torch.randn(B, n, obs_dim), torch.randn(B, T, n, 2)).square()
+                               .mean(), args.repeats)
+    return dict(seconds=seconds)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.probe:
+        kind, n = args.probe.split(",")
+        print(json.dumps(world_step_probe(kind, int(n), args)))
+        sys.exit(0)
+    if args.world_attention:
+        print("| agents | tokens | masked s/step | structured s/step | ratio | masked peak MiB | structured peak MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for n in args.n_agents:
+            measured = {}
+            for kind in ("masked", "structured"):
+                out, peak = run_measured([sys.executable, os.path.abspath(__file__), "--probe", f"{kind},{n}",
+                                          "--num-steps", str(args.num_steps), "--repeats", str(args.repeats)])
+                measured[kind] = (json.loads(out)["seconds"], peak)
+            (tm, pm), (ts, ps) = measured["masked"], measured["structured"]
+            print(f"| {n} | {n * (args.num_steps + 1)} | {tm:.3f} | {ts:.3f} | {tm / ts:.2f} | {pm:.0f} | {ps:.0f} |",
+                  flush=True)
+        sys.exit(0)
     if args.shacpp_steady:
         print("| scenario | agents | arch | raw VMAS s/rollout | policy episode s | world / reward / value step s "
-              "| s/episode, steady state |")
-        print("|---|---|---|---|---|---|---|")
+              "| s/episode, steady state | peak MiB, policy episodes |")
+        print("|---|---|---|---|---|---|---|---|")
     else:
         print(f"| scenario | agents | arch | raw VMAS steps/s | {args.script} steps/s | ratio | s/episode |")
         print("|---|---|---|---|---|---|---|")
@@ -126,7 +197,7 @@ if __name__ == "__main__":
         if args.shacpp_steady:
             c = shacpp_steady_state(args, scenario, n, arch)
             print(f"| {scenario} | {n} | {arch} | {raw_rollout:.3f} | {c['policy']:.3f} | {c['world']:.3f} / "
-                  f"{c['reward']:.3f} / {c['value']:.3f} | {c['episode']:.2f} |", flush=True)
+                  f"{c['reward']:.3f} / {c['value']:.3f} | {c['episode']:.2f} | {c['peak']:.0f} |", flush=True)
             continue
         raw = args.num_envs * args.num_steps / raw_rollout
         per_episode = train_seconds_per_episode(args, scenario, n, arch)

@@ -88,6 +88,9 @@ class Args:
     unclamped (the simulator gets them clamped); mean: the penalty on the policy mean and the clamped sample into the
     models (the paper's code and this project's first version); mean-unclamped: the penalty on the mean, the unclamped
     sample into the models (not in the paper: no pull on the mean inside the bounds; docs/investigation.md)"""
+    credit: Literal["team", "own"] = "team"
+    """team: the paper's loss, every agent's action differentiated through the whole team's imagined return; own: each
+    agent's imagined return differentiated through its own actions only (not in the paper; docs/investigation.md)"""
     policy_std: float = 1.0
     """fixed standard deviation of the Gaussian policy"""
     max_grad_norm: float = 1.0
@@ -436,10 +439,18 @@ def policy_step(policy, optimizer, rewards, last_value, penalized, alive, termin
                 grad_norm=grad_norm)
 
 
-def imagine(world_model, reward_model, value_model, obs, actions):
+def imagine(world_model, reward_model, value_model, obs, actions, own_credit: bool = False):
     """r^ and v^ through the learned models (Algorithm 1, lines 7-9): s^_1..s^_T = F(s_0, a_0..a_{T-1}),
     r^_t = R(s^_t, a_t, s^_{t+1}) with s^_0 = s_0, v^ = V(s^_T). obs (T+1, N, n, o), actions (T, N, n, 2).
-    SHAC+ (world_model None): obs is the simulator's own differentiable trajectory, used in place of s^."""
+    SHAC+ (world_model None): obs is the simulator's own differentiable trajectory, used in place of s^.
+    own_credit (--credit own): one imagined copy per agent i in which only agent i's actions carry the gradient;
+    agent i's r^ and v^ are taken from its own copy, so its actions get no gradient from the other agents' returns."""
+    if own_credit:
+        n = actions.shape[2]
+        own = torch.eye(n, dtype=torch.bool, device=actions.device)[:, None, None, :, None]  # copy i, agent i
+        copies = torch.where(own, actions, actions.detach()).transpose(0, 1).flatten(1, 2)  # (T, n N, n, 2)
+        r_hat, v_hat = imagine(world_model, reward_model, value_model, obs.repeat(1, n, 1, 1), copies)
+        return r_hat.unflatten(1, (n, -1)).diagonal(dim1=1, dim2=3), v_hat.unflatten(0, (n, -1)).diagonal(dim1=0, dim2=2)
     if world_model is not None:
         obs = torch.cat([obs[:1], world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)])
     r_hat = reward_model(obs[:-1], actions, obs[1:])  # (T, N, n)
@@ -479,6 +490,8 @@ if __name__ == "__main__":
         if getattr(args, f"{name}_cache") < getattr(args, f"{name}_bins"):
             sys.exit(f"error: --{name}-cache must be at least --{name}-bins")
     shac_plus = args.dynamics == "simulator"  # SHAC+: VMAS's physics carry the gradient, only the reward is learned
+    if shac_plus and args.credit == "own":
+        sys.exit("error: --credit own needs the learned world model (--dynamics model)")
     algorithm = "shac+" if shac_plus else ALGORITHM
     if shac_plus and args.exp_name == ALGORITHM:  # the default experiment name is the algorithm's
         args.exp_name = algorithm
@@ -596,7 +609,8 @@ if __name__ == "__main__":
 
         # ---- policy step through the learned models (Algorithm 1, lines 7-10); SHAC+ through the simulator's states
         times["policy_time"] = clock(device)
-        r_hat, v_hat = imagine(world_model, reward_model, value_model, torch.stack(states), actions)
+        r_hat, v_hat = imagine(world_model, reward_model, value_model, torch.stack(states), actions,
+                               own_credit=args.credit == "own")
         stats = policy_step(policy, policy_opt, r_hat, v_hat, penalized, alive_buf, term_buf, args, run.guard)
         stats["mean_abs"] = means.detach().abs().mean()  # |mu|: the penalty keeps it near [-1, 1]
 

@@ -44,6 +44,18 @@ def test_world_model_sees_no_later_step(residual):
     assert not model.mask[(step[None] <= step[:, None]) & (agent[None] == agent[:, None])].any()
 
 
+
+@pytest.mark.parametrize("n,residual", [(1, False), (3, True)])
+def test_structured_attention_equals_the_masked_world_model(n, residual):
+    """bench.py --world-attention times the world model's attention computed on its structure (own agent's steps and
+    the same step's agents, one softmax) against the mask; both must be the same function with the same parameters."""
+    import bench
+
+    torch.manual_seed(0)
+    model = shacpp.WorldModel(n, 7, 5, residual=residual)
+    obs0, actions = torch.randn(4, n, 7), torch.randn(4, 5, n, 2)
+    torch.testing.assert_close(bench.structured_world_forward(model, obs0, actions), model(obs0, actions))
+
 def naive_lambda_return(rewards, values, terminated, gamma, lam):
     """The paper's definition: V_t = (1-lam) sum_{k=1}^{h-t-1} lam^{k-1} G_t^k + lam^{h-t-1} G_t^{h-t}, with
     G_t^k = sum_{l=t}^{t+k-1} gamma^{l-t} r_l + gamma^k V(s_{t+k}); nothing counts after a termination.
@@ -290,3 +302,23 @@ def test_shac_plus_gradient_flows_through_the_simulator(scenario, n, at):
         assert torch.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
         assert all(p.grad is None for m in (reward, value) for p in m.parameters())
     assert contact or scenario != "transport"  # agents pushed the package: contact forces were differentiated
+
+
+def test_own_credit_gives_each_agent_only_its_own_return_gradient():
+    """--credit own: the same r^ and v^ as the team imagination, but agent i's actions receive exactly the gradient of
+    agent i's own imagined return (and nothing from the other agents' returns)."""
+    torch.manual_seed(0)
+    n, o, T, N = 3, 6, 4, 5
+    world, reward, value = shacpp.WorldModel(n, o, T), shacpp.RewardModel("transformer", n, o), \
+        shacpp.make_network("transformer", n, o, 1)
+    obs, actions = torch.randn(T + 1, N, n, o), torch.randn(T, N, n, 2, requires_grad=True)
+    r_team, v_team = shacpp.imagine(world, reward, value, obs, actions)
+    r_own, v_own = shacpp.imagine(world, reward, value, obs, actions, own_credit=True)
+    torch.testing.assert_close(r_own, r_team)
+    torch.testing.assert_close(v_own, v_team)
+    (g_own,) = torch.autograd.grad(r_own.sum() + v_own.sum(), actions)
+    for i in range(n):
+        (g_i,) = torch.autograd.grad(r_team[..., i].sum() + v_team[:, i].sum(), actions, retain_graph=True)
+        torch.testing.assert_close(g_own[:, :, i], g_i[:, :, i])
+    (g_team,) = torch.autograd.grad(r_team.sum() + v_team.sum(), actions)
+    assert (g_team - g_own).abs().max() > 1e-3  # the team loss does differ: the other agents' returns reach a_i
