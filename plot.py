@@ -27,6 +27,7 @@ STYLES = {"mlp": "-", "transformer": "--"}
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", "run_dir", "exp_name", "episodes",
            "eval_every", "torch_deterministic", "script", "git_commit", "torch", "vmas"}
 PANEL = {"algorithm", "scenario", "n_agents", "arch", "policy"}  # shown by the panel or the label's start
+ADDED = {"dynamics": "model", "credit": "team"}  # shacpp.py arguments newer than some runs: what those runs did
 REFERENCES = {"heuristic": "black", "greedy": "tab:purple", "random": "tab:gray", "zero": "tab:brown"}  # reference.py
 
 
@@ -55,6 +56,8 @@ def load(run: str):
     """(args, rows of eval.csv as floats), or None when the run has no evaluation yet."""
     with open(os.path.join(run, "args.json")) as f:
         args = json.load(f)
+    if args.get("algorithm") in ("shacpp", "shac+"):
+        args = ADDED | args
     path = os.path.join(run, "eval.csv")
     if not os.path.exists(path):
         return None
@@ -77,7 +80,7 @@ def group(runs: list[str]) -> dict:
 
 def labels(groups: dict) -> dict:
     """key -> label: the algorithm (and, for a learner, its architecture), then what sets the configuration apart from
-    the other configurations of that algorithm and architecture: its experiment name when it has one of its own, or
+    the other configurations of that algorithm and architecture: its experiment names when they are its own, or
     else the arguments that differ among them, as name=value. One configuration has one label in every panel."""
     kinds = defaultdict(list)
     for key, seeds in groups.items():
@@ -103,8 +106,8 @@ def labels(groups: dict) -> dict:
             own = names[config[key]]
             if len(distinct) == 1:
                 out[key] = base
-            elif len(own) == 1 and len(owners[next(iter(own))]) == 1:
-                out[key] = f"{base} [{next(iter(own))}]"
+            elif own and all(len(owners[name]) == 1 for name in own):  # names of its own (one per scenario, say)
+                out[key] = f"{base} [{'/'.join(sorted(own))}]"
             else:
                 c = dict(config[key])
                 out[key] = f"{base} (" + ", ".join(f"{k}={json.loads(c[k])}" for k in differing if k in c) + ")"

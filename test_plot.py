@@ -122,3 +122,18 @@ def test_experiment_names_label_their_configuration(tmp_path):
         run.rename(run.with_name(run.name + name))
     labels = plot.labels(plot.group(plot.find_runs([str(runs)])))
     assert sorted(labels.values()) == ["shacpp mlp [fast]", "shacpp mlp [paper]"]
+
+
+def test_runs_older_than_an_argument_join_their_configuration(tmp_path):
+    """A SHAC++ run made before --credit existed ran with what is now --credit team: one configuration with a run
+    that records it; a configuration with one experiment name per scenario is labelled with all of them."""
+    runs = tmp_path / "runs"
+    for name, scenario, steps, extra in (("old", "dispersion", 8, {}), ("new", "transport", 8, dict(credit="team")),
+                                         ("paper", "dispersion", 32, dict(credit="team"))):
+        run = fake_run(runs, "shacpp", scenario, 1, [0.5])
+        args = json.loads((run / "args.json").read_text())
+        (run / "args.json").write_text(json.dumps(args | dict(exp_name=name, num_steps=steps) | extra))
+        run.rename(run.with_name(run.name + name))
+    groups = plot.group(plot.find_runs([str(runs)]))
+    assert sorted(plot.labels(groups).values()) == ["shacpp mlp [new/old]", "shacpp mlp [new/old]",
+                                                    "shacpp mlp [paper]"]
