@@ -450,7 +450,8 @@ def imagine(world_model, reward_model, value_model, obs, actions, own_credit: bo
         own = torch.eye(n, dtype=torch.bool, device=actions.device)[:, None, None, :, None]  # copy i, agent i
         copies = torch.where(own, actions, actions.detach()).transpose(0, 1).flatten(1, 2)  # (T, n N, n, 2)
         r_hat, v_hat = imagine(world_model, reward_model, value_model, obs.repeat(1, n, 1, 1), copies)
-        return r_hat.unflatten(1, (n, -1)).diagonal(dim1=1, dim2=3), v_hat.unflatten(0, (n, -1)).diagonal(dim1=0, dim2=2)
+        r_hat, v_hat = r_hat.unflatten(1, (n, -1)), v_hat.unflatten(0, (n, -1))  # (T, copy, N, agent), (copy, N, agent)
+        return r_hat.diagonal(dim1=1, dim2=3), v_hat.diagonal(dim1=0, dim2=2)  # copy i's agent i
     if world_model is not None:
         obs = torch.cat([obs[:1], world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)])
     r_hat = reward_model(obs[:-1], actions, obs[1:])  # (T, N, n)

@@ -44,7 +44,6 @@ def test_world_model_sees_no_later_step(residual):
     assert not model.mask[(step[None] <= step[:, None]) & (agent[None] == agent[:, None])].any()
 
 
-
 @pytest.mark.parametrize("n,residual", [(1, False), (3, True)])
 def test_structured_attention_equals_the_masked_world_model(n, residual):
     """bench.py --world-attention times the world model's attention computed on its structure (own agent's steps and
@@ -55,6 +54,7 @@ def test_structured_attention_equals_the_masked_world_model(n, residual):
     model = shacpp.WorldModel(n, 7, 5, residual=residual)
     obs0, actions = torch.randn(4, n, 7), torch.randn(4, 5, n, 2)
     torch.testing.assert_close(bench.structured_world_forward(model, obs0, actions), model(obs0, actions))
+
 
 def naive_lambda_return(rewards, values, terminated, gamma, lam):
     """The paper's definition: V_t = (1-lam) sum_{k=1}^{h-t-1} lam^{k-1} G_t^k + lam^{h-t-1} G_t^{h-t}, with
