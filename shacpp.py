@@ -83,11 +83,12 @@ class Args:
     """lambda of the TD(lambda) value targets"""
     alpha: float = 1.0
     """weight of the action-bound penalty (the paper's alpha)"""
-    penalty: Literal["sample", "mean", "mean-unclamped"] = "sample"
+    penalty: Literal["sample", "mean", "mean-unclamped", "authors"] = "sample"
     """sample: the paper's equation (section 3), the penalty on the sampled actions, which the learned models receive
     unclamped (the simulator gets them clamped); mean: the penalty on the policy mean and the clamped sample into the
     models (the paper's code and this project's first version); mean-unclamped: the penalty on the mean, the unclamped
-    sample into the models (not in the paper: no pull on the mean inside the bounds; docs/investigation.md)"""
+    sample into the models (not in the paper: no pull on the mean inside the bounds; docs/investigation.md); authors: as
+    mean, but averaged over the violating components only, each bound apart (the authors' code)"""
     credit: Literal["team", "own"] = "team"
     """team: the paper's loss, every agent's action differentiated through the whole team's imagined return; own: each
     agent's imagined return differentiated through its own actions only (not in the paper; docs/investigation.md)"""
@@ -358,7 +359,10 @@ class BinnedCache:
         self.low = self.high = torch.tensor(0.0, device=device)
 
     def bin_of(self, key):
-        width = (self.high - self.low).clamp(min=1e-8)
+        width = self.high - self.low
+        if width < 1e-8:  # a collapsed range (every recent key equal): those keys in the middle, the rest at the ends
+            middle = self.bins // 2 if self.bins > 2 else 0
+            return torch.where(key < self.low, 0, torch.where(key > self.high, self.bins - 1, middle))
         return ((key - self.low) / width * self.bins).floor().clamp(0, self.bins - 1).long()
 
     def add(self, key, **items):
@@ -392,8 +396,16 @@ class BinnedCache:
         return int((self.stamp >= 0).sum())
 
     def sample(self, batch_size: int) -> dict:
+        """A filled bin uniformly, then a stored item of it uniformly: every filled bin gets an equal share."""
         stored = (self.stamp >= 0).nonzero().squeeze(1)
-        slot = stored[torch.randint(len(stored), (batch_size,), device=self.device)]  # uniform over stored items
+        b = self.bin_of(self.key[stored])
+        order = b.argsort()
+        stored, b = stored[order], b[order]  # grouped by bin
+        filled, count = b.unique_consecutive(return_counts=True)
+        start = count.cumsum(0) - count
+        pick = torch.randint(len(filled), (batch_size,), device=self.device)
+        offset = (torch.rand(batch_size, device=self.device) * count[pick]).long().clamp(max=count[pick] - 1)
+        slot = stored[start[pick] + offset]
         return {name: value[slot] for name, value in self.data.items()}
 
 
@@ -428,7 +440,11 @@ def policy_step(policy, optimizer, rewards, last_value, penalized, alive, termin
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
-    penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
+    if args.penalty == "authors":  # the authors' code: mean over the violating components only, each side apart
+        penalty = sum(((penalized[side] - bound) ** 2).mean().nan_to_num() for side, bound in
+                      ((penalized < -1.0, -1.0), (penalized > 1.0, 1.0)))
+    else:
+        penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
     loss = -window_return + args.alpha * penalty
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
@@ -592,6 +608,7 @@ if __name__ == "__main__":
         executed = samples.detach().clamp(-1.0, 1.0)  # what the simulator received: the models learn from these
         # what the models receive and what the penalty acts on (--penalty): the paper's section 3 is "sample"
         actions, penalized = {"sample": (samples, samples), "mean": (samples.clamp(-1.0, 1.0), means),
+                              "authors": (samples.clamp(-1.0, 1.0), means),
                               "mean-unclamped": (samples, means)}[args.penalty]
 
         # ---- binned caches (paper section 3): rollouts and transitions of live environments; value targets from real data
