@@ -113,6 +113,13 @@ def parse_args() -> Args:
     for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
         if type(value) is int and name not in ("seed", "episodes") and value < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, value in asdict(args).items():  # every float is positive or, where 0 means something, non-negative
+        if type(value) is float:
+            high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
+            zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")
+            if not (0 < value <= high or (zero and value == 0)):
+                allowed = f"{'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}"
+                sys.exit(f"error: --{name.replace('_', '-')} must be in {allowed}, got {value}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
     if args.episodes == 0 and not args.checkpoint:

@@ -11,11 +11,10 @@ import shacpp
 
 def test_world_model_residual_adds_s0():
     torch.manual_seed(0)
-    model = shacpp.WorldModel(2, 5, 4, residual=True)
+    residual, plain = shacpp.WorldModel(2, 5, 4, residual=True), shacpp.WorldModel(2, 5, 4)
+    plain.load_state_dict(residual.state_dict())  # the same weights, built without the residual
     obs0, actions = torch.randn(3, 2, 5), torch.randn(3, 4, 2, 2)
-    pred = model(obs0, actions)
-    model.residual = False
-    torch.testing.assert_close(pred, model(obs0, actions) + obs0.unsqueeze(1))  # s^_t = s_0 + head(h_t)
+    torch.testing.assert_close(residual(obs0, actions), plain(obs0, actions) + obs0.unsqueeze(1))  # s_0 + head(h_t)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -100,8 +99,46 @@ def test_binned_cache_keeps_rare_items():
     cache.add(torch.full((10,), 5.0), x=torch.ones(10, 2))
     batch = cache.sample(1000)["x"]
     assert batch.shape == (1000, 2)
-    assert (batch == 1).all(1).sum() > 0  # the 10 rare items survive 10,000 common ones and are drawn
+    assert (batch == 1).all(1).float().mean() >= 0.4  # the 10 rare items survive 10,000 common ones: half of a batch
     assert len(cache) == 1200 + 10  # the zero bin holds only its capacity
+
+
+def rare_share(cache, n=20000):
+    """The share of the rare items (x == 1) in a large batch, and one bin's share of the filled bins."""
+    filled = cache.bin_of(stored_keys(cache)).unique().numel()
+    return (cache.sample(n)["x"] == 1).float().mean().item(), 1 / filled
+
+
+@pytest.mark.parametrize("rare_key", [1.0, -1.0])
+def test_binned_cache_rare_keys_that_came_first_keep_their_share(rare_key):
+    """The start of a sparse-reward run: a few rewarding items, then many times the capacity of zero keys. The rare
+    items keep a bin of their own and a bin's share of every batch: after the zeros, after the range widens, and
+    after a refused NaN key."""
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(900, 9, "cpu")  # 100 per bin, trim 1
+    cache.add(torch.full((10,), rare_key), x=torch.ones(10))
+    for _ in range(20):  # 20 x the capacity of zeros: the recent keys are all 0 and the range collapses onto 0
+        cache.add(torch.zeros(900), x=torch.zeros(900))
+    assert (stored_keys(cache) == rare_key).sum() == 10
+    share, one_bin = rare_share(cache)
+    assert share >= 0.9 * one_bin and one_bin == 0.5, (share, one_bin)
+    cache.add(torch.full((30,), 5.0 * rare_key), x=torch.full((30,), 5.0))  # the range widens to [0, 5]
+    share, one_bin = rare_share(cache)
+    assert share >= 0.9 * one_bin and one_bin == 1 / 3, (share, one_bin)
+    with pytest.raises(ValueError):
+        cache.add(torch.tensor([math.nan, 1.0]), x=torch.zeros(2))
+    assert rare_share(cache)[0] >= 0.9 / 3
+
+
+def test_binned_cache_rare_keys_fewer_than_the_trim_keep_their_share():
+    """Fewer rewarding keys in the recent window than the trim (31 at capacity 30,000): the trimmed range is all
+    zeros, and the rare items still keep a bin of their own and its share."""
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(30000, 9, "cpu")
+    for _ in range(5):
+        cache.add(torch.cat([torch.zeros(1000), torch.full((2,), 3.0)]), x=torch.cat([torch.zeros(1000), torch.ones(2)]))
+    share, one_bin = rare_share(cache)
+    assert share >= 0.9 * one_bin and one_bin == 0.5, (share, one_bin)
 
 
 def test_binned_cache_replaces_oldest_first():

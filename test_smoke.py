@@ -129,12 +129,20 @@ BAD_INPUT = [
     (["--n-agents", "0"], "--n-agents must be at least 1"),
     (["--arch", "cnn"], "invalid choice 'cnn'"),
     (["--num-envs", "0"], "--num-envs must be at least 1"),
+    (["--gamma", "2"], "--gamma must be in [0, 1], got 2.0"),
+    (["--lam", "-1"], "--lam must be in [0, 1], got -1.0"),
+    (["--learning-rate", "0"], "--learning-rate must be in (0, inf), got 0.0"),
+    (["--stop-fraction", "1.5"], "--stop-fraction must be in (0, 1], got 1.5"),
+    (["--stop-return", "nan"], "--stop-return must be in (0, 1], got nan"),
 ]
 
 
 # parse_args is the same in every script (test_shared_blocks_identical), so ppo.py gets every case and the others one
 @pytest.mark.parametrize("script, bad, message", [("ppo.py", *case) for case in BAD_INPUT] + [
     ("shac.py", *BAD_INPUT[1]),
+    ("shac.py", ["--policy-std", "0"], "--policy-std must be in (0, inf), got 0.0"),
+    ("shacpp.py", ["--policy-std", "-1"], "--policy-std must be in (0, inf), got -1.0"),
+    ("shacpp.py", ["--alpha", "-0.5"], "--alpha must be in [0, inf), got -0.5"),
     ("shacpp.py", ["--model-minibatch", "0"], "--model-minibatch must be at least 1"),  # algorithm fields too
     ("shacpp.py", ["--world-cache", "10"], "--world-cache must be at least --world-bins"),
 ])
@@ -211,7 +219,13 @@ def test_gae_matches_naive_loop():
     for b in range(B):
         expected = naive_gae(rewards[:, b], values[:, b], next_value[b], dones[:, b], 0.99, 0.95)
         torch.testing.assert_close(adv[:, b], expected)
-    torch.testing.assert_close(ret, adv + values)
+    for b in range(B):  # the value targets are the lambda-returns, by their own recursion
+        g, expected = next_value[b], []
+        for t in reversed(range(T)):
+            v_next = next_value[b] if t == T - 1 else values[t + 1, b]
+            g = rewards[t, b] + 0.99 * (1.0 - dones[t, b].float()) * ((1 - 0.95) * v_next + 0.95 * g)
+            expected.insert(0, g)
+        torch.testing.assert_close(ret[:, b], torch.stack(expected))
     assert dones.any()  # the data does exercise terminations
 
 
@@ -278,10 +292,12 @@ def test_sampling_normalisation_matches_vmas():
     torch.testing.assert_close(ours.scenario.max_pdf, stock.scenario.max_pdf, rtol=1e-5, atol=0)
 
 
-def test_shac_runs_with_no_arguments():
-    """shac.py's defaults name a scenario it accepts (transport), so `python shac.py` trains."""
-    import shac
-    assert shac.Args().scenario == "transport"
+def test_shac_runs_with_no_scenario_given(tmp_path):
+    """shac.py's default scenario is one it accepts (a differentiable reward), so `python shac.py` trains."""
+    out = run_script("shac.py", ["--episodes", "1", "--num-envs", "4", "--num-steps", "2", "--eval-envs", "2",
+                                 "--eval-steps", "2", "--run-dir", "run"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(read_csv(tmp_path / "run" / "eval.csv")) == 1
 
 
 def test_given_flags():
