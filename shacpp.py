@@ -120,6 +120,11 @@ class Args:
     """bins of the value cache (key: team value target)"""
     world_residual: bool = False
     """if toggled, the world model predicts s_t - s_0 and adds s_0 (the paper's model predicts s_t itself)"""
+    embed_norm: bool = False
+    """if toggled, a LayerNorm after the input embedding of the transformer policy, value and reward networks (the
+    authors' code; not in the paper's text)"""
+    reward_input: Literal["sas", "sa"] = "sas"
+    """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
     world_tolerance: float = 0.05
     """a predicted observation element counts as accurate within this absolute error"""
     reward_tolerance: float = 0.1
@@ -252,9 +257,12 @@ class MLP(nn.Module):
 class Transformer(nn.Module):
     """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128,
+                 embed_norm: bool = False):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
+        if embed_norm:  # LayerNorm after the input embedding, as the authors' transformers
+            self.embed = nn.Sequential(self.embed, nn.LayerNorm(d_model))
         self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
@@ -263,8 +271,10 @@ class Transformer(nn.Module):
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
-    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, embed_norm: bool = False) -> nn.Module:
+    if arch == "mlp":
+        return MLP(n_agents, in_dim, out_dim)
+    return Transformer(n_agents, in_dim, out_dim, embed_norm=embed_norm)
 
 
 @torch.no_grad()
@@ -335,14 +345,16 @@ class WorldModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s']."""
+    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s'];
+    with next_obs False, over [s, a] only (the authors' transformer reward)."""
 
-    def __init__(self, arch: str, n_agents: int, obs_dim: int):
+    def __init__(self, arch: str, n_agents: int, obs_dim: int, next_obs: bool = True, embed_norm: bool = False):
         super().__init__()
-        self.net = make_network(arch, n_agents, 2 * obs_dim + 2, 1)
+        self.next_obs = next_obs
+        self.net = make_network(arch, n_agents, (2 if next_obs else 1) * obs_dim + 2, 1, embed_norm)
 
     def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs) -> (..., agents)
-        return self.net(torch.cat([obs, action, next_obs], -1)).squeeze(-1)
+        return self.net(torch.cat([obs, action, next_obs] if self.next_obs else [obs, action], -1)).squeeze(-1)
 
 
 class BinnedCache:
@@ -526,9 +538,9 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # Gaussian mean (no tanh: the penalty bounds it)
-    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
-    reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
+    policy = make_network(args.arch, n, obs_dim, 2, args.embed_norm).to(device)  # Gaussian mean (the penalty bounds it)
+    value_model = make_network(args.arch, n, obs_dim, 1, args.embed_norm).to(device)  # V(s) per agent
+    reward_model = RewardModel(args.arch, n, obs_dim, args.reward_input == "sas", args.embed_norm).to(device)
     policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
                                          for m in (policy, value_model, reward_model))
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
