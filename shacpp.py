@@ -359,8 +359,8 @@ class RewardModel(nn.Module):
 
 class BinnedCache:
     """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; docs/shacpp.md, item 10).
-    Each bin holds the newest capacity // bins items whose key falls in it; batches are drawn uniformly from the
-    stored items. Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own.
+    Each bin holds the newest capacity // bins items whose key falls in it; a batch draws a filled bin uniformly, then
+    one of its items, so every filled bin is an equal share. Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own.
     Invariant: every stored item sits in the bin its key maps to under the *current* range, so when the range
     moves the items move with it (bins are recomputed at every add; nothing is copied). The range spans the keys of
     the last `capacity` items added, less the `capacity // 1000 + 1` most extreme on each side: one outlier cannot

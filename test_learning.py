@@ -38,3 +38,18 @@ def test_ppo_learns_dispersion(tmp_path):
     assert out.returncode == 0, out.stderr
     evals = read_csv(tmp_path / "run" / "eval.csv")
     assert float(evals[-1]["solved_fraction"]) >= 0.9 and int(evals[-1]["episode"]) < 150
+
+
+@pytest.mark.slow
+def test_shacpp_learns_dispersion(tmp_path):
+    """SHAC++ on dispersion with one agent, the README's CPU configuration with a value cache of 10,000 and shorter
+    evaluations (about two minutes on one core): from the random level (about 0.05) to well above it within 1,000
+    episodes. Measured with seed 1: 0.06, 0.04, 0.02, 0.02, 0.06, 0.13, 0.17, 0.41, 0.59 at episodes 100-900."""
+    out = run_script("shacpp.py", ["--scenario", "dispersion", "--n-agents", "1", "--arch", "mlp", "--world-residual",
+                                   "--num-steps", "8", "--reset-every", "40", "--model-epochs", "2",
+                                   "--model-minibatch", "100", "--world-cache", "5000", "--value-cache", "10000",
+                                   "--eval-every", "100", "--eval-envs", "256", "--eval-steps", "200",
+                                   "--episodes", "1000", "--run-dir", "run"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    returns = [float(r["normalized_return"]) for r in read_csv(tmp_path / "run" / "eval.csv")]
+    assert returns[0] < 0.15 and max(returns) >= 0.3, returns
