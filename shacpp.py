@@ -125,6 +125,9 @@ class Args:
     authors' code; not in the paper's text)"""
     reward_input: Literal["sas", "sa"] = "sas"
     """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
+    value_pairing: Literal["same", "next"] = "same"
+    """same: V(s_t) learns the TD(lambda) target G_t; next: V(s_{t+1}) learns G_t, as the authors' value cache pairs
+    them (V then includes the reward of arriving in a state)"""
     world_tolerance: float = 0.05
     """a predicted observation element counts as accurate within this absolute error"""
     reward_tolerance: float = 0.1
@@ -642,7 +645,8 @@ if __name__ == "__main__":
             alive = alive_buf
             reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=executed[alive],
                              next_obs=obs_buf[1:][alive], rewards=rew_buf[alive])
-            value_cache.add(targets.sum(-1)[alive], obs=obs_buf[:-1][alive], targets=targets[alive])
+            value_obs = obs_buf[1:] if args.value_pairing == "next" else obs_buf[:-1]
+            value_cache.add(targets.sum(-1)[alive], obs=value_obs[alive], targets=targets[alive])
 
         # ---- policy step through the learned models (Algorithm 1, lines 7-10); SHAC+ through the simulator's states
         times["policy_time"] = clock(device)
