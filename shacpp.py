@@ -125,6 +125,10 @@ class Args:
     authors' code; not in the paper's text)"""
     reward_input: Literal["sas", "sa"] = "sas"
     """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
+    cache_range: Literal["recent", "all-time"] = "recent"
+    """the key range the bins span: recent, the trimmed range of the last capacity keys; all-time, every key's"""
+    cache_sampling: Literal["bins", "uniform"] = "bins"
+    """bins: a filled bin uniformly, then one of its items; uniform: every stored item equally likely"""
     value_pairing: Literal["same", "next"] = "same"
     """same: V(s_t) learns the TD(lambda) target G_t; next: V(s_{t+1}) learns G_t, as the authors' value cache pairs
     them (V then includes the reward of arriving in a state)"""
@@ -370,7 +374,8 @@ class BinnedCache:
     squeeze every other key into one bin, and after a drift the old keys clamp into an end bin that new keys reach,
     where they are the oldest and leave first. A non-finite key is refused."""
 
-    def __init__(self, capacity: int, bins: int, device):
+    def __init__(self, capacity: int, bins: int, device, all_time: bool = False, uniform: bool = False):
+        self.all_time, self.uniform = all_time, uniform  # --cache-range all-time, --cache-sampling uniform
         self.bins, self.per_bin, self.device = bins, capacity // bins, device
         self.capacity, self.trim = bins * self.per_bin, capacity // 1000 + 1
         self.data = {}  # name -> (capacity, ...) tensor, allocated by the first add
@@ -394,7 +399,12 @@ class BinnedCache:
         self.recent[(self.added + torch.arange(m, device=self.device)) % self.capacity] = key  # last writes win
         recent = self.recent[~self.recent.isnan()]
         k = min(self.trim, (recent.numel() - 1) // 2)  # ignore the k most extreme keys on each side
-        self.low, self.high = -(-recent).topk(k + 1).values[-1], recent.topk(k + 1).values[-1]
+        low, high = -(-recent).topk(k + 1).values[-1], recent.topk(k + 1).values[-1]
+        if self.all_time:  # the range of every key ever added (the first version of this cache)
+            low, high = key.min(), key.max()
+            if self.added:
+                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
+        self.low, self.high = low, high
         # per bin, keep the newest per_bin of the stored and the new items (a newer item has a larger stamp)
         stamp = torch.cat([self.stamp, self.added + torch.arange(m, device=self.device)])
         b = torch.cat([self.bin_of(self.key), self.bin_of(key)]).masked_fill(stamp < 0, self.bins)  # empty: no bin
@@ -420,6 +430,9 @@ class BinnedCache:
     def sample(self, batch_size: int) -> dict:
         """A filled bin uniformly, then a stored item of it uniformly: every filled bin gets an equal share."""
         stored = (self.stamp >= 0).nonzero().squeeze(1)
+        if self.uniform:  # every stored item equally likely
+            slot = stored[torch.randint(len(stored), (batch_size,), device=self.device)]
+            return {name: value[slot] for name, value in self.data.items()}
         b = self.bin_of(self.key[stored])
         order = b.argsort()
         stored, b = stored[order], b[order]  # grouped by bin
@@ -546,15 +559,16 @@ if __name__ == "__main__":
     reward_model = RewardModel(args.arch, n, obs_dim, args.reward_input == "sas", args.embed_norm).to(device)
     policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
                                          for m in (policy, value_model, reward_model))
-    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
-    value_cache = BinnedCache(args.value_cache, args.value_bins, device)
+    cache_options = (args.cache_range == "all-time", args.cache_sampling == "uniform")
+    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device, *cache_options)
+    value_cache = BinnedCache(args.value_cache, args.value_bins, device, *cache_options)
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
     if not shac_plus:
         world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
-        world_cache = BinnedCache(args.world_cache, args.world_bins, device)
+        world_cache = BinnedCache(args.world_cache, args.world_bins, device, *cache_options)
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
