@@ -359,3 +359,19 @@ def test_own_credit_gives_each_agent_only_its_own_return_gradient():
         torch.testing.assert_close(g_own[:, :, i], g_i[:, :, i])
     (g_team,) = torch.autograd.grad(r_team.sum() + v_team.sum(), actions)
     assert (g_team - g_own).abs().max() > 1e-3  # the team loss does differ: the other agents' returns reach a_i
+
+
+def test_binned_cache_all_time_range_and_uniform_sampling():
+    """--cache-range all-time: the bins span every key ever added, so a rare key of the first add keeps its bin after
+    any number of other keys; --cache-sampling uniform: every stored item is equally likely."""
+    torch.manual_seed(0)
+    cache = shacpp.BinnedCache(900, 9, "cpu", all_time=True, uniform=True)
+    cache.add(torch.tensor([-2.0, 7.0]), x=torch.tensor([1.0, 1.0]))
+    for _ in range(5):
+        cache.add(torch.rand(900), x=torch.zeros(900))
+    assert (cache.low.item(), cache.high.item()) == (-2.0, 7.0)
+    assert cache.bin_of(torch.tensor([-2.0, 0.5, 7.0])).tolist() == [0, 2, 8]
+    stored = len(cache)
+    assert stored == 2 + cache.per_bin  # [0, 1) is bin 2 of [-2, 7]: its newest 100
+    share = (cache.sample(20000)["x"] == 1).float().mean().item()
+    assert share == pytest.approx(2 / stored, abs=0.005)  # uniform over the stored items
