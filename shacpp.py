@@ -125,8 +125,9 @@ class Args:
     authors' code; not in the paper's text)"""
     reward_input: Literal["sas", "sa"] = "sas"
     """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
-    cache_range: Literal["recent", "all-time"] = "recent"
-    """the key range the bins span: recent, the trimmed range of the last capacity keys; all-time, every key's"""
+    cache_range: Literal["recent", "all-time", "rewards-all-time"] = "recent"
+    """the key range the bins span: recent, the trimmed range of the last capacity keys; all-time, every key's;
+    rewards-all-time: all-time for the world and reward caches (keyed by real rewards), recent for the value cache"""
     cache_sampling: Literal["bins", "uniform"] = "bins"
     """bins: a filled bin uniformly, then one of its items; uniform: every stored item equally likely"""
     value_pairing: Literal["same", "next"] = "same"
@@ -559,9 +560,10 @@ if __name__ == "__main__":
     reward_model = RewardModel(args.arch, n, obs_dim, args.reward_input == "sas", args.embed_norm).to(device)
     policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
                                          for m in (policy, value_model, reward_model))
-    cache_options = (args.cache_range == "all-time", args.cache_sampling == "uniform")
+    cache_options = (args.cache_range != "recent", args.cache_sampling == "uniform")
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device, *cache_options)
-    value_cache = BinnedCache(args.value_cache, args.value_bins, device, *cache_options)
+    value_cache = BinnedCache(args.value_cache, args.value_bins, device, args.cache_range == "all-time",
+                              args.cache_sampling == "uniform")
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
