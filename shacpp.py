@@ -83,12 +83,12 @@ class Args:
     """lambda of the TD(lambda) value targets"""
     alpha: float = 1.0
     """weight of the action-bound penalty (the paper's alpha)"""
-    penalty: Literal["sample", "mean", "mean-unclamped", "authors"] = "sample"
-    """sample: the paper's equation (section 3), the penalty on the sampled actions, which the learned models receive
-    unclamped (the simulator gets them clamped); mean: the penalty on the policy mean and the clamped sample into the
-    models (the paper's code and this project's first version); mean-unclamped: the penalty on the mean, the unclamped
-    sample into the models (not in the paper: no pull on the mean inside the bounds; docs/investigation.md); authors: as
-    mean, but averaged over the violating components only, each bound apart (the authors' code)"""
+    penalty: Literal["mean", "sample", "authors", "mean-unclamped"] = "mean"
+    """mean: the penalty on the policy mean, averaged over all components, and the clamped sample into the models
+    (transport takes off with it; docs/shacpp.md); sample: the paper's equation (section 3), the penalty on the
+    sampled actions, which the models receive unclamped (it pins |mu| near 0 at sigma 1); authors: as mean, averaged
+    over the violating components only, each bound apart (the authors' code); mean-unclamped: the penalty on the mean,
+    the unclamped sample into the models (an experiment; docs/investigation.md)"""
     credit: Literal["team", "own"] = "team"
     """team: the paper's loss, every agent's action differentiated through the whole team's imagined return; own: each
     agent's imagined return differentiated through its own actions only (not in the paper; docs/investigation.md)"""
@@ -125,11 +125,12 @@ class Args:
     authors' code; not in the paper's text)"""
     reward_input: Literal["sas", "sa"] = "sas"
     """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
-    cache_range: Literal["recent", "all-time", "rewards-all-time"] = "recent"
+    cache_range: Literal["all-time", "rewards-all-time", "recent"] = "all-time"
     """the key range the bins span: recent, the trimmed range of the last capacity keys; all-time, every key's;
     rewards-all-time: all-time for the world and reward caches (keyed by real rewards), recent for the value cache"""
-    cache_sampling: Literal["bins", "uniform"] = "bins"
-    """bins: a filled bin uniformly, then one of its items; uniform: every stored item equally likely"""
+    cache_sampling: Literal["uniform", "bins"] = "uniform"
+    """uniform: every stored item equally likely (the binning then decides what is kept); bins: a filled bin uniformly,
+    then one of its items (every filled bin an equal share of a batch)"""
     value_pairing: Literal["same", "next"] = "same"
     """same: V(s_t) learns the TD(lambda) target G_t; next: V(s_{t+1}) learns G_t, as the authors' value cache pairs
     them (V then includes the reward of arriving in a state)"""
@@ -366,14 +367,14 @@ class RewardModel(nn.Module):
 
 
 class BinnedCache:
-    """Replay cache split into `bins` bins over the range of the recent keys (paper section 3; docs/shacpp.md, item 10).
-    Each bin holds the newest capacity // bins items whose key falls in it; a batch draws a filled bin uniformly, then
-    one of its items, so every filled bin is an equal share. Rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own.
-    Invariant: every stored item sits in the bin its key maps to under the *current* range, so when the range
-    moves the items move with it (bins are recomputed at every add; nothing is copied). The range spans the keys of
-    the last `capacity` items added, less the `capacity // 1000 + 1` most extreme on each side: one outlier cannot
-    squeeze every other key into one bin, and after a drift the old keys clamp into an end bin that new keys reach,
-    where they are the oldest and leave first. A non-finite key is refused."""
+    """Replay cache split into `bins` bins over the range of its keys (paper section 3; docs/shacpp.md, item 10).
+    Each bin holds the newest capacity // bins items whose key falls in it, so rare keys (a rewarding transition
+    among thousands of zero-reward ones) keep a bin of their own. Every stored item sits in the bin its key maps to
+    under the *current* range: bins are recomputed at every add, so items move with the range. all_time: the range
+    of every key added; otherwise that of the last `capacity` keys less the `capacity // 1000 + 1` most extreme on
+    each side, so one outlier cannot squeeze the other keys into one bin and old keys of a drifting target clamp into
+    an end bin that new keys reach, where they are the oldest and leave first. uniform: batches uniform over the
+    stored items; otherwise a filled bin uniformly, then one of its items. A non-finite key is refused."""
 
     def __init__(self, capacity: int, bins: int, device, all_time: bool = False, uniform: bool = False):
         self.all_time, self.uniform = all_time, uniform  # --cache-range all-time, --cache-sampling uniform

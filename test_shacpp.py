@@ -109,13 +109,14 @@ def rare_share(cache, n=20000):
     return (cache.sample(n)["x"] == 1).float().mean().item(), 1 / filled
 
 
+@pytest.mark.parametrize("all_time", [False, True])
 @pytest.mark.parametrize("rare_key", [1.0, -1.0])
-def test_binned_cache_rare_keys_that_came_first_keep_their_share(rare_key):
+def test_binned_cache_rare_keys_that_came_first_keep_their_share(rare_key, all_time):
     """The start of a sparse-reward run: a few rewarding items, then many times the capacity of zero keys. The rare
     items keep a bin of their own and a bin's share of every batch: after the zeros, after the range widens, and
     after a refused NaN key."""
     torch.manual_seed(0)
-    cache = shacpp.BinnedCache(900, 9, "cpu")  # 100 per bin, trim 1
+    cache = shacpp.BinnedCache(900, 9, "cpu", all_time=all_time)  # 100 per bin, trim 1
     cache.add(torch.full((10,), rare_key), x=torch.ones(10))
     for _ in range(20):  # 20 x the capacity of zeros: the recent keys are all 0 and the range collapses onto 0
         cache.add(torch.zeros(900), x=torch.zeros(900))
