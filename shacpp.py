@@ -125,6 +125,9 @@ class Args:
     authors' code; not in the paper's text)"""
     reward_input: Literal["sas", "sa"] = "sas"
     """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
+    loss_scale: Literal["mean", "authors"] = "mean"
+    """mean: the window return averaged over live environments, agents and steps, 1 / (N n T); authors: summed over
+    agents and divided by (T + 1) N, as the authors' code (n times the weight against the penalty)"""
     cache_range: Literal["all-time", "rewards-all-time", "recent"] = "all-time"
     """the key range the bins span: recent, the trimmed range of the last capacity keys; all-time, every key's;
     rewards-all-time: all-time for the world and reward caches (keyed by real rewards), recent for the value cache"""
@@ -477,6 +480,8 @@ def policy_step(policy, optimizer, rewards, last_value, penalized, alive, termin
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
+    if args.loss_scale == "authors":  # the authors' code: summed over agents, divided by (T + 1) N
+        window_return = (ret.sum(-1) * live).sum() / (live.sum().clamp(min=1) * (T + 1))
     if args.penalty == "authors":  # the authors' code: mean over the violating components only, each side apart
         penalty = sum(((penalized[side] - bound) ** 2).mean().nan_to_num() for side, bound in
                       ((penalized < -1.0, -1.0), (penalized > 1.0, 1.0)))
