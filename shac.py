@@ -209,12 +209,9 @@ class MLP(nn.Module):
 class Transformer(nn.Module):
     """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128,
-                 embed_norm: bool = False):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
-        if embed_norm:  # LayerNorm after the input embedding, as the authors' transformers
-            self.embed = nn.Sequential(self.embed, nn.LayerNorm(d_model))
         self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
@@ -223,10 +220,8 @@ class Transformer(nn.Module):
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, embed_norm: bool = False) -> nn.Module:
-    if arch == "mlp":
-        return MLP(n_agents, in_dim, out_dim)
-    return Transformer(n_agents, in_dim, out_dim, embed_norm=embed_norm)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
+    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
 
 
 @torch.no_grad()

@@ -120,23 +120,12 @@ class Args:
     """bins of the value cache (key: team value target)"""
     world_residual: bool = False
     """if toggled, the world model predicts s_t - s_0 and adds s_0 (the paper's model predicts s_t itself)"""
-    embed_norm: bool = False
-    """if toggled, a LayerNorm after the input embedding of the transformer policy, value and reward networks (the
-    authors' code; not in the paper's text)"""
-    reward_input: Literal["sas", "sa"] = "sas"
-    """sas: the reward model sees (s, a, s'), as the paper; sa: (s, a) only, as the authors' transformer reward"""
-    loss_scale: Literal["mean", "authors"] = "mean"
-    """mean: the window return averaged over live environments, agents and steps, 1 / (N n T); authors: summed over
-    agents and divided by (T + 1) N, as the authors' code (n times the weight against the penalty)"""
-    cache_range: Literal["all-time", "rewards-all-time", "recent"] = "all-time"
-    """the key range the bins span: recent, the trimmed range of the last capacity keys; all-time, every key's;
-    rewards-all-time: all-time for the world and reward caches (keyed by real rewards), recent for the value cache"""
+    cache_range: Literal["all-time", "recent"] = "all-time"
+    """the key range the bins span: all-time, every key the cache was given (as the authors' code); recent, the
+    trimmed range of the last capacity keys"""
     cache_sampling: Literal["uniform", "bins"] = "uniform"
     """uniform: every stored item equally likely (the binning then decides what is kept); bins: a filled bin uniformly,
     then one of its items (every filled bin an equal share of a batch)"""
-    value_pairing: Literal["same", "next"] = "same"
-    """same: V(s_t) learns the TD(lambda) target G_t; next: V(s_{t+1}) learns G_t, as the authors' value cache pairs
-    them (V then includes the reward of arriving in a state)"""
     world_tolerance: float = 0.05
     """a predicted observation element counts as accurate within this absolute error"""
     reward_tolerance: float = 0.1
@@ -269,12 +258,9 @@ class MLP(nn.Module):
 class Transformer(nn.Module):
     """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128,
-                 embed_norm: bool = False):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
-        if embed_norm:  # LayerNorm after the input embedding, as the authors' transformers
-            self.embed = nn.Sequential(self.embed, nn.LayerNorm(d_model))
         self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
@@ -283,10 +269,8 @@ class Transformer(nn.Module):
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, embed_norm: bool = False) -> nn.Module:
-    if arch == "mlp":
-        return MLP(n_agents, in_dim, out_dim)
-    return Transformer(n_agents, in_dim, out_dim, embed_norm=embed_norm)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
+    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
 
 
 @torch.no_grad()
@@ -357,16 +341,14 @@ class WorldModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s'];
-    with next_obs False, over [s, a] only (the authors' transformer reward)."""
+    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s']."""
 
-    def __init__(self, arch: str, n_agents: int, obs_dim: int, next_obs: bool = True, embed_norm: bool = False):
+    def __init__(self, arch: str, n_agents: int, obs_dim: int):
         super().__init__()
-        self.next_obs = next_obs
-        self.net = make_network(arch, n_agents, (2 if next_obs else 1) * obs_dim + 2, 1, embed_norm)
+        self.net = make_network(arch, n_agents, 2 * obs_dim + 2, 1)
 
     def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs) -> (..., agents)
-        return self.net(torch.cat([obs, action, next_obs] if self.next_obs else [obs, action], -1)).squeeze(-1)
+        return self.net(torch.cat([obs, action, next_obs], -1)).squeeze(-1)
 
 
 class BinnedCache:
@@ -392,7 +374,7 @@ class BinnedCache:
 
     def bin_of(self, key):
         width = self.high - self.low
-        if width < 1e-8:  # a collapsed range (every recent key equal): those keys in the middle, the rest at the ends
+        if width < 1e-8:  # a collapsed range (every key equal): those keys in the middle, the rest at the ends
             middle = self.bins // 2 if self.bins > 2 else 0
             return torch.where(key < self.low, 0, torch.where(key > self.high, self.bins - 1, middle))
         return ((key - self.low) / width * self.bins).floor().clamp(0, self.bins - 1).long()
@@ -402,14 +384,14 @@ class BinnedCache:
             raise ValueError("BinnedCache: refusing a non-finite key (a NaN or infinite reward or value target)")
         m = key.shape[0]
         self.recent[(self.added + torch.arange(m, device=self.device)) % self.capacity] = key  # last writes win
-        recent = self.recent[~self.recent.isnan()]
-        k = min(self.trim, (recent.numel() - 1) // 2)  # ignore the k most extreme keys on each side
-        low, high = -(-recent).topk(k + 1).values[-1], recent.topk(k + 1).values[-1]
-        if self.all_time:  # the range of every key ever added (the first version of this cache)
-            low, high = key.min(), key.max()
-            if self.added:
-                low, high = torch.minimum(self.low, low), torch.maximum(self.high, high)
-        self.low, self.high = low, high
+        if self.all_time:  # the range of every key ever added
+            first = self.added == 0
+            self.low = key.min() if first else torch.minimum(self.low, key.min())
+            self.high = key.max() if first else torch.maximum(self.high, key.max())
+        else:
+            recent = self.recent[~self.recent.isnan()]
+            k = min(self.trim, (recent.numel() - 1) // 2)  # ignore the k most extreme keys on each side
+            self.low, self.high = -(-recent).topk(k + 1).values[-1], recent.topk(k + 1).values[-1]
         # per bin, keep the newest per_bin of the stored and the new items (a newer item has a larger stamp)
         stamp = torch.cat([self.stamp, self.added + torch.arange(m, device=self.device)])
         b = torch.cat([self.bin_of(self.key), self.bin_of(key)]).masked_fill(stamp < 0, self.bins)  # empty: no bin
@@ -433,7 +415,7 @@ class BinnedCache:
         return int((self.stamp >= 0).sum())
 
     def sample(self, batch_size: int) -> dict:
-        """A filled bin uniformly, then a stored item of it uniformly: every filled bin gets an equal share."""
+        """Uniform over the stored items, or (not uniform) a filled bin uniformly, then one of its items."""
         stored = (self.stamp >= 0).nonzero().squeeze(1)
         if self.uniform:  # every stored item equally likely
             slot = stored[torch.randint(len(stored), (batch_size,), device=self.device)]
@@ -480,8 +462,6 @@ def policy_step(policy, optimizer, rewards, last_value, penalized, alive, termin
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
-    if args.loss_scale == "authors":  # the authors' code: summed over agents, divided by (T + 1) N
-        window_return = (ret.sum(-1) * live).sum() / (live.sum().clamp(min=1) * (T + 1))
     if args.penalty == "authors":  # the authors' code: mean over the violating components only, each side apart
         penalty = sum(((penalized[side] - bound) ** 2).mean().nan_to_num() for side, bound in
                       ((penalized < -1.0, -1.0), (penalized > 1.0, 1.0)))
@@ -561,15 +541,14 @@ if __name__ == "__main__":
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
-    policy = make_network(args.arch, n, obs_dim, 2, args.embed_norm).to(device)  # Gaussian mean (the penalty bounds it)
-    value_model = make_network(args.arch, n, obs_dim, 1, args.embed_norm).to(device)  # V(s) per agent
-    reward_model = RewardModel(args.arch, n, obs_dim, args.reward_input == "sas", args.embed_norm).to(device)
+    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # Gaussian mean (no tanh: the penalty bounds it)
+    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
+    reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
     policy_opt, value_opt, reward_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate, fused=True)
                                          for m in (policy, value_model, reward_model))
-    cache_options = (args.cache_range != "recent", args.cache_sampling == "uniform")
+    cache_options = (args.cache_range == "all-time", args.cache_sampling == "uniform")
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device, *cache_options)
-    value_cache = BinnedCache(args.value_cache, args.value_bins, device, args.cache_range == "all-time",
-                              args.cache_sampling == "uniform")
+    value_cache = BinnedCache(args.value_cache, args.value_bins, device, *cache_options)
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
@@ -667,8 +646,7 @@ if __name__ == "__main__":
             alive = alive_buf
             reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=executed[alive],
                              next_obs=obs_buf[1:][alive], rewards=rew_buf[alive])
-            value_obs = obs_buf[1:] if args.value_pairing == "next" else obs_buf[:-1]
-            value_cache.add(targets.sum(-1)[alive], obs=value_obs[alive], targets=targets[alive])
+            value_cache.add(targets.sum(-1)[alive], obs=obs_buf[:-1][alive], targets=targets[alive])
 
         # ---- policy step through the learned models (Algorithm 1, lines 7-10); SHAC+ through the simulator's states
         times["policy_time"] = clock(device)
