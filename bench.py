@@ -112,8 +112,7 @@ def shacpp_steady_state(args: Args, scenario: str, n: int, arch: str) -> dict:
     every 10 episodes): the policy episode (rollout, imagination, policy step) is the median of a real run's
     rollout_time + policy_time; each model's training step is timed on random data of the real shapes, and a full
     cache costs 10 x 30 such steps per model, once per 10 episodes."""
-    rows, peak = train_log(args, "shacpp.py", scenario, n, arch, ["--world-every", "1000000", "--reward-every",
-                                                                 "1000000", "--value-every", "1000000"])
+    rows, peak = train_log(args, "shacpp.py", scenario, n, arch, ["--model-every", "1000000"])
     policy = statistics.median(float(r["rollout_time"]) + float(r["policy_time"]) for r in rows[2:])
     obs_dim = make_env(scenario, n, 1, "cpu", seed=0).observation_space[0].shape[0]
     B, T = 1000, args.num_steps

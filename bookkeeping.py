@@ -1,7 +1,6 @@
-"""Bookkeeping shared by ppo.py, shac.py and shacpp.py: the run folder and its CSV logs, checkpoints (atomic, with
-every random state, at evaluations and every few minutes), resuming from a run folder, stop signals, the non-finite
-update guard, the progress line, phase clocks and GIFs. None of it is part of an algorithm, so it lives here once
-instead of in each training script; copy it along with a script (docs/usage.md)."""
+"""Run plumbing shared by ppo.py, shac.py and shacpp.py: the run folder and its CSV logs, checkpoints (atomic, with
+every random state), resuming, stop signals, the non-finite update guard and GIFs. No algorithm lives here; copy it
+along with a script. A script names the arguments a checkpoint must share with it in `Args.STRUCTURE`."""
 import json
 import math
 import os
@@ -14,12 +13,22 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
-import torch.nn as nn
 from vmas.simulator.environment import Environment as VmasEnvironment
+
+CHECKPOINT_SECONDS = 300  # last.pt at least this often, besides every evaluation: a kill loses minutes, not hours
+FINISHED = "finished"  # a file in the run folder, written when the run ends by its budget or by early stopping
+SIGNAL_EXIT = 128  # a run stopped by a signal exits with 128 + its number (130 SIGINT, 143 SIGTERM), as shells do
+
+
+def clock(device) -> float:
+    """Seconds, once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def render_frame(env):
-    """Evaluation environment 0 drawn by VMAS's own renderer, as an (H, W, 3) uint8 array (headless via EGL)."""
+    """Environment 0 drawn by VMAS's renderer, as an (H, W, 3) uint8 array."""
     import matplotlib.cm
     if not hasattr(matplotlib.cm, "get_cmap"):  # VMAS's sampling renderer calls cm.get_cmap, gone in matplotlib 3.9
         matplotlib.cm.get_cmap = lambda name, lut=None: matplotlib.colormaps[name].resampled(lut)
@@ -27,15 +36,13 @@ def render_frame(env):
 
 
 def save_gif(frames, path: str):
-    """Frames (H, W, 3) to an animated GIF at 25 frames per second, with Pillow (already a matplotlib dependency)."""
     from PIL import Image
     images = [Image.fromarray(frame).resize((frame.shape[1] // 2, frame.shape[0] // 2)) for frame in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
 
 
 class CSVLog:
-    """Appends rows to a CSV file; the columns are fixed by the first row. Resuming at episode k keeps the
-    file's header and its rows up to episode k (the later ones are about to be written again)."""
+    """Appends rows to a CSV file whose columns the first row fixes. Resuming at episode k keeps the rows up to k."""
 
     def __init__(self, path: str, resume_episode: int | None = None):
         self.path, self.columns = path, None
@@ -47,14 +54,9 @@ class CSVLog:
                 f.writelines([header, *(r for r in rows if int(r.split(",", 1)[0]) <= resume_episode)])
 
     def last_row(self) -> dict:
-        """The last complete row as numbers ({} for none): a resumed run's last evaluation."""
-        if not os.path.exists(self.path):
-            return {}
-        with open(self.path) as f:
-            lines = f.read().splitlines()
-        if len(lines) < 2 or len(lines[-1].split(",")) != len(lines[0].split(",")):
-            return {}
-        return {k: float(v) for k, v in zip(lines[0].split(","), lines[-1].split(","))}
+        lines = open(self.path).read().splitlines() if os.path.exists(self.path) else []
+        complete = len(lines) >= 2 and len(lines[-1].split(",")) == len(lines[0].split(","))
+        return {k: float(v) for k, v in zip(lines[0].split(","), lines[-1].split(","))} if complete else {}
 
     def write(self, row: dict):
         with open(self.path, "a") as f:
@@ -64,41 +66,23 @@ class CSVLog:
             f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns) + "\n")
 
 
-def clock(device) -> float:
-    """Seconds, once the device has finished its queued work: per-phase timings, a few per episode."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-# ---------------------------------------------------------------- checkpoints and failures (docs/usage.md)
 def rng_states() -> dict:
-    """Every random state of a run: Python, NumPy, torch (CPU and CUDA) and VMAS's own, which VMAS swaps in around
-    each reset and step. NumPy states are kept as plain lists, so checkpoints load with weights_only=True."""
-    def plain(np_state):
-        return (np_state[0], np_state[1].tolist(), *np_state[2:])
+    """Python, NumPy, torch and VMAS's own random states (NumPy's as lists, so weights_only loading works)."""
     vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
+    plain = lambda s: (s[0], s[1].tolist(), *s[2:])  # noqa: E731
     return dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 vmas=(vmas_torch, plain(vmas_numpy), vmas_python))
 
 
 def set_rng_states(rng: dict):
-    def array(np_state):
-        return (np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:])
+    array = lambda s: (s[0], np.array(s[1], dtype=np.uint32), *s[2:])  # noqa: E731
     random.setstate(rng["python"])
     np.random.set_state(array(rng["numpy"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     VmasEnvironment.vmas_random_state[:] = [rng["vmas"][0], array(rng["vmas"][1]), rng["vmas"][2]]
-
-
-# what a checkpoint must share with a run to resume or evaluate it (world_residual: shacpp.py; actor, norm_obs: ppo.py)
-STRUCTURE = ("scenario", "n_agents", "arch", "world_residual", "actor", "norm_obs")
-CHECKPOINT_SECONDS = 300  # last.pt at least this often, besides every evaluation: a kill loses minutes, not hours
-FINISHED = "finished"  # a file in the run folder, written when the run ends by its budget or by early stopping
-SIGNAL_EXIT = 128  # a run stopped by a signal exits with 128 + its number (130 SIGINT, 143 SIGTERM), as shells do
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -108,34 +92,52 @@ def given_flags(argv: list[str]) -> set[str]:
 
 
 def resume_args(args, argv: list[str]):
-    """--checkpoint: a run folder stands for its last.pt, and the run's own arguments (its args.json) fill in every
-    flag not given on the command line, so a resume or an evaluation needs no retyping. A given flag that would
-    change the networks' shape (STRUCTURE, and shacpp's --num-steps, the world model's horizon) is refused."""
+    """--checkpoint: a run folder stands for its last.pt, and the run's args.json fills every flag not given.
+    A given flag of Args.STRUCTURE that contradicts the run is refused."""
     path = os.path.join(args.checkpoint, "last.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     saved_path = os.path.join(os.path.dirname(os.path.abspath(path)), "args.json")
     if not os.path.isfile(saved_path):  # a checkpoint moved out of its run folder: the command line as given
         return replace(args, checkpoint=path)
     try:
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = json.load(open(saved_path))
     except (OSError, ValueError):
         sys.exit(f"error: {saved_path} is not readable JSON")
-    given, shaping = given_flags(argv), (*STRUCTURE, "dynamics", *(("num_steps",) if "world_residual" in saved else ()))
-    updates = {}
-    for field in fields(args):
-        name, ours = field.name, getattr(args, field.name)
-        if name == "checkpoint" or name not in saved:
-            continue
+    given, updates = given_flags(argv), {}
+    for name in (f.name for f in fields(args) if f.name != "checkpoint" and f.name in saved):
         if name not in given:
             updates[name] = saved[name]
-        elif name in shaping and ours != saved[name]:
-            sys.exit(f"error: --{name.replace('_', '-')} {ours} contradicts the checkpoint's run ({saved[name]} in "
-                     f"{saved_path}); leave the flag out")
+        elif name in args.STRUCTURE and getattr(args, name) != saved[name]:
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
+                     f"({saved[name]} in {saved_path}); leave the flag out")
     return replace(args, checkpoint=path, **updates)
 
 
+def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
+    """Networks, optimisers and random states into `modules`, once the checkpoint is readable and was written by
+    `algorithm` with the same Args.STRUCTURE."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        episode, rng = state["episode"], state["rng"]
+    except Exception:
+        sys.exit(f"error: checkpoint {path} is truncated or not a checkpoint")
+    for key, ours in (("algorithm", algorithm), *((k, getattr(args, k)) for k in args.STRUCTURE if k in state)):
+        if state.get(key) != ours:
+            sys.exit(f"error: checkpoint {path} was written with {key} {state.get(key)}, not {ours}")
+    if args.episodes and args.episodes <= episode:
+        sys.exit(f"error: checkpoint {path} is at episode {episode}: --episodes must be larger to resume")
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    except (KeyError, RuntimeError, ValueError) as e:  # e.g. networks of another size
+        sys.exit(f"error: checkpoint {path} does not fit these networks: {' '.join(str(e).split())}")
+    set_rng_states(rng)
+    return state
+
+
 def provenance(script: str) -> dict:
-    """What args.json records besides the arguments: the script, the git commit and the library versions."""
+    """What args.json records besides the arguments: the script, its git commit and the library versions."""
     import vmas
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(script)),
@@ -145,37 +147,8 @@ def provenance(script: str) -> dict:
     return dict(script=os.path.basename(script), git_commit=commit, torch=torch.__version__, vmas=vmas.__version__)
 
 
-def structure(args) -> dict:
-    return {key: getattr(args, key) for key in STRUCTURE if hasattr(args, key)}
-
-
-def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
-    """Load networks, optimisers and RNG states into `modules` (name -> object with load_state_dict), after checking
-    that the checkpoint is readable and was written by `algorithm` for the same scenario, agents, architecture (and,
-    for shacpp.py, world-model parametrisation)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        episode, rng = state["episode"], state["rng"]
-    except Exception:
-        sys.exit(f"error: checkpoint {path} is truncated or not a checkpoint")
-    for key, ours in (("algorithm", algorithm), *structure(args).items()):
-        if state.get(key) != ours:
-            sys.exit(f"error: checkpoint {path} was written with {key} {state.get(key)}, not {ours}")
-    if args.episodes and args.episodes <= episode:
-        sys.exit(f"error: checkpoint {path} is at episode {episode}: --episodes must be larger to resume")
-    try:
-        for name, module in modules.items():
-            module.load_state_dict(state[name])
-    except (KeyError, RuntimeError, ValueError) as e:  # e.g. shacpp's world model saved for another --num-steps
-        sys.exit(f"error: checkpoint {path} does not fit these networks: {' '.join(str(e).split())}")
-    set_rng_states(rng)
-    return state
-
-
 def report_evaluation(checkpoint: str, metrics: dict, frames=None):
-    """--episodes 0: print the evaluation of a checkpoint and, with frames (--capture-video), write <checkpoint>.gif."""
+    """--episodes 0: print a checkpoint's evaluation and, with frames, write <checkpoint>.gif."""
     print(f"{checkpoint}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if frames:
         save_gif(frames, os.path.splitext(checkpoint)[0] + ".gif")
@@ -183,39 +156,28 @@ def report_evaluation(checkpoint: str, metrics: dict, frames=None):
 
 
 class NonFiniteGuard:
-    """`if guard.finite(loss, grad_norm): optimizer.step()`: an update with a non-finite loss or gradient is skipped
-    and counted; this many in a row end the run (Run.log_train) with last.pt left as the last good one."""
-
-    limit = 10
+    """`if guard.finite(loss, grad_norm): optimizer.step()` skips and counts an update that is not finite."""
+    limit = 10  # this many in a row end the run (Run.check_finite)
 
     def __init__(self):
         self.skipped = self.in_row = 0
 
     def finite(self, loss, grad_norm=0.0) -> bool:
-        ok = bool(torch.isfinite(loss + grad_norm))  # one host synchronisation per update, never per simulator step
+        ok = bool(torch.isfinite(loss + grad_norm))
         self.skipped, self.in_row = (self.skipped, 0) if ok else (self.skipped + 1, self.in_row + 1)
         return ok
 
 
-def duration(seconds: float) -> str:
-    """4h05m, 12m30s, 45s."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
-
-
 class Run:
-    """The run's folder, logs, checkpoints and stop requests. A new run gets a new folder under runs/ (or the one
-    --run-dir names); a resumed one continues in its checkpoint's folder. Ctrl-C or SIGTERM ends the run within
-    seconds (after the current episode, or the current minibatch of a model-training phase), with last.pt written,
-    and the script exits with 128 + the signal's number; a second signal aborts at once."""
+    """The run folder (new under runs/, the one --run-dir names, or a resumed checkpoint's), its logs and
+    checkpoints. Ctrl-C or SIGTERM sets stop_signal: the script ends the run within seconds; a second one aborts."""
 
     def __init__(self, args, modules: dict, checkpoint: dict | None, algorithm: str, script: str):
-        self.modules, self.args, self.algorithm = modules, args, algorithm  # modules: networks and optimisers by name
+        self.modules, self.args, self.algorithm = modules, args, algorithm  # modules: networks and optimisers
         self.episode, self.best = (checkpoint["episode"], checkpoint["best"]) if checkpoint else (0, -math.inf)
         if checkpoint:
             self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
-        else:  # a new run; a folder given with --run-dir (sweep.py) that holds no checkpoint starts afresh
+        else:
             self.dir = args.run_dir or os.path.join("runs", f"{args.scenario}__{args.n_agents}__{args.arch}__"
                                                             f"{args.exp_name}__{args.seed}__{int(time.time())}")
             os.makedirs(self.dir, exist_ok=bool(args.run_dir))
@@ -229,10 +191,8 @@ class Run:
         self.eval_log = CSVLog(os.path.join(self.dir, "eval.csv"), resume)
         self.start = time.time() - (checkpoint["elapsed"] if checkpoint else 0.0)
         self.last_eval = self.eval_log.last_row()  # a resumed run shows its last evaluation
-        self.stop_signal, self.phases = None, {}
         self.last_print = self.last_save = self.session_start = time.time()
-        self.last_step = (self.last_print, self.episode)
-        self.guard = NonFiniteGuard()
+        self.stop_signal, self.guard = None, NonFiniteGuard()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.on_signal)
 
@@ -241,20 +201,10 @@ class Run:
         signal.signal(signum, signal.SIG_DFL)
         print(f"{self.stop_signal.name}: stopping within seconds (again to abort at once)", flush=True)
 
-    def phase(self, name: str, text: str):
-        """A line before a model-training phase that took more than a few seconds last time (or has not run yet);
-        call again with text None when it ends."""
-        if text is None:
-            self.phases[name] = time.time() - self.phases[name]
-        else:
-            if self.phases.get(name, math.inf) > 3:
-                print(text, flush=True)
-            self.phases[name] = time.time()
-
     def save(self, name: str, episode: int):
-        """Write a checkpoint atomically: a temporary file, then a rename, so a kill never leaves a broken one."""
-        state = dict(algorithm=self.algorithm, **structure(self.args), episode=episode, best=self.best,
-                     elapsed=time.time() - self.start, rng=rng_states(),
+        """A checkpoint, written to a temporary file and renamed, so a kill never leaves a broken one."""
+        state = dict(algorithm=self.algorithm, **{k: getattr(self.args, k) for k in self.args.STRUCTURE},
+                     episode=episode, best=self.best, elapsed=time.time() - self.start, rng=rng_states(),
                      **{name: module.state_dict() for name, module in self.modules.items()})
         path = os.path.join(self.dir, name)
         torch.save(state, path + ".tmp")
@@ -262,38 +212,27 @@ class Run:
         self.last_save = time.time()
 
     def log_train(self, episode: int, row: dict):
-        """One train.csv row; ends the run if updates keep failing; last.pt every few minutes; a progress line every
-        5 seconds: episode k / total, elapsed and time left, steps per second since the last line, training return,
-        the last evaluation (and its episode) and the next one's episode."""
-        now, steps_per_episode = time.time(), self.args.num_envs * self.args.num_steps
-        elapsed, global_step = now - self.start, episode * steps_per_episode
-        self.train_log.write(dict(episode=episode, global_step=global_step, time=elapsed, **row,
-                                  skipped_updates=self.guard.skipped, sps=global_step / elapsed))
+        """A train.csv row, last.pt every few minutes, and a progress line every 5 seconds."""
+        now, global_step = time.time(), episode * self.args.num_envs * self.args.num_steps
+        self.train_log.write(dict(episode=episode, global_step=global_step, time=now - self.start, **row,
+                                  skipped_updates=self.guard.skipped, sps=global_step / (now - self.start)))
         self.guard.skipped = 0
-        if self.guard.in_row >= self.guard.limit:  # last.pt is left as it was: the last good one
-            last = os.path.join(self.dir, "last.pt")
-            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode "
-                     f"{episode}); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else
-                                        "no checkpoint had been written yet"))
         if now - self.last_save > CHECKPOINT_SECONDS:
             self.save("last.pt", episode)
         if now - self.last_print > 5:
-            done, total = episode - self.episode, self.args.episodes - self.episode  # in this session
-            left = (now - self.session_start) / max(done, 1) * (total - done)
-            sps = (episode - self.last_step[1]) * steps_per_episode / (now - self.last_step[0])
-            evaluated = (f"eval {self.last_eval['normalized_return']:.3f} at {int(self.last_eval['episode'])}"
-                         if self.last_eval else "no eval yet")
-            upcoming = min((episode // self.args.eval_every + 1) * self.args.eval_every, self.args.episodes)
-            print(f"episode {episode}/{self.args.episodes} | {duration(elapsed)} elapsed, ~{duration(left)} left | "
-                  f"{sps:,.0f} steps/s | train return {row['train_return']:.3f} | {evaluated}, next at {upcoming}",
-                  flush=True)
-            self.last_print, self.last_step = now, (now, episode)
+            done, left = episode - self.episode, self.args.episodes - episode  # episodes of this session, to go
+            last = self.last_eval
+            evaluated = f"eval {last['normalized_return']:.3f} at {int(last['episode'])}" if last else "no eval yet"
+            print(f"episode {episode}/{self.args.episodes} | {duration(now - self.start)} elapsed, "
+                  f"~{duration((now - self.session_start) / done * left)} left | train return "
+                  f"{row['train_return']:.3f} | {evaluated}", flush=True)
+            self.last_print = now
 
     def log_eval(self, episode: int, metrics: dict, frames=None):
-        """One eval.csv row, a GIF with --capture-video, best.pt and last.pt."""
-        global_step = episode * self.args.num_envs * self.args.num_steps
+        """An eval.csv row, a GIF with --capture-video, best.pt and last.pt."""
         self.last_eval = dict(episode=episode, **metrics)
-        self.eval_log.write(dict(episode=episode, global_step=global_step, time=time.time() - self.start, **metrics))
+        self.eval_log.write(dict(episode=episode, global_step=episode * self.args.num_envs * self.args.num_steps,
+                                 time=time.time() - self.start, **metrics))
         print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
         if frames:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
@@ -303,17 +242,27 @@ class Run:
             self.save("best.pt", episode)
         self.save("last.pt", episode)
 
+    def check_finite(self, episode: int):
+        """End the run, with last.pt left as the last good one, after NonFiniteGuard.limit bad updates in a row."""
+        if self.guard.in_row >= self.guard.limit:
+            last = os.path.join(self.dir, "last.pt")
+            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode "
+                     f"{episode}); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else
+                                        "no checkpoint had been written yet"))
+
     def finish(self, episode: int):
-        """At the end (budget, early stop or a stop signal): last.pt and, with --save-model, the networks alone.
-        A stop by a signal exits with 128 + its number, so a scheduler can tell it from a finished run."""
+        """last.pt, and the `finished` mark unless a signal stopped the run (which then exits with 128 + its number)."""
         self.save("last.pt", episode)
-        if self.args.save_model:
-            torch.save({name: module.state_dict() for name, module in self.modules.items()
-                        if isinstance(module, nn.Module)}, os.path.join(self.dir, "final.pt"))
-        if not self.stop_signal:  # the mark of a finished run (budget or early stop): sweep.py skips it
+        if not self.stop_signal:
             with open(os.path.join(self.dir, FINISHED), "w") as f:
                 f.write(f"{episode}\n")
         reason = f"stopped by {self.stop_signal.name}" if self.stop_signal else "done"
         print(f"{reason} at episode {episode} after {time.time() - self.start:.0f} s: {self.dir}", flush=True)
         if self.stop_signal:
             sys.exit(SIGNAL_EXIT + self.stop_signal.value)
+
+
+def duration(seconds: float) -> str:
+    """4h05m, 12m30s, 45s."""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -1,10 +1,13 @@
-# SHAC through the differentiable VMAS simulator, the baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
+# SHAC (Xu et al., ICLR 2022) through VMAS's differentiable physics: the first-order baseline of SHAC++ (Bertolotti et
+# al., ECAI 2025; docs/shac.md), CleanRL-style single file. Per episode: a T-step rollout whose rewards and observations
+# carry the actions' gradient; one policy step on the window's return (policy_loss); the value model's TD(lambda) fit.
+# Only scenarios with a differentiable reward (transport, sampling).
 import math
 import os
 import random
 import sys
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -15,7 +18,7 @@ from vmas.simulator.utils import LINE_MIN_DIST
 from vmas.scenarios.dispersion import Scenario as VmasDispersion
 from vmas.scenarios.sampling import Scenario as VmasSampling
 
-from bookkeeping import NonFiniteGuard, Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
+from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
 
@@ -26,8 +29,6 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of python, numpy, torch and the simulator"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, run everything (simulator included) on CUDA when it is available"""
     scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "transport"
@@ -37,30 +38,28 @@ class Args:
     arch: Literal["mlp", "transformer"] = "mlp"
     """architecture of the policy and value networks"""
     episodes: int = 20000
-    """number of training episodes (one episode = one rollout of num_steps in num_envs, then the updates)"""
+    """training episodes (one episode: a rollout of num_steps in num_envs environments, then the updates)"""
     num_envs: int = 512
-    """number of parallel training environments"""
+    """parallel training environments"""
     num_steps: int = 32
-    """steps per rollout (the horizon h of the paper)"""
+    """steps per rollout, the window h of the paper"""
     reset_every: int = 10
-    """reset all training environments every this many episodes"""
+    """reset every training environment every this many episodes"""
     eval_every: int = 100
     """evaluate every this many episodes (and at the end)"""
     eval_envs: int = 512
-    """number of evaluation environments"""
+    """evaluation environments"""
     eval_steps: int = 512
     """steps per evaluation rollout"""
     stop_fraction: float = 0.9
-    """early stop when this fraction of evaluation environments ..."""
+    """early stop when this fraction of the evaluation environments ..."""
     stop_return: float = 0.9
     """... reaches this fraction of its max_return"""
-    save_model: bool = False
-    """save the final networks to runs/<run_name>/final.pt"""
     capture_video: bool = False
-    """at every evaluation, render evaluation environment 0 to a GIF (VMAS renderer)"""
+    """at every evaluation, render evaluation environment 0 to a GIF"""
     checkpoint: str = ""
-    """resume from this checkpoint (last.pt or best.pt, or a run folder for its last.pt) with the run's own arguments
-    except those given; with --episodes 0, only evaluate it"""
+    """resume from this checkpoint (or a run folder's last.pt) with its run's arguments except those given; with
+    --episodes 0, only evaluate it"""
     run_dir: str = ""
     """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 
@@ -72,7 +71,7 @@ class Args:
     lam: float = 0.95
     """lambda of the TD(lambda) value targets"""
     alpha: float = 1.0
-    """weight of the action-bound penalty (the paper's alpha)"""
+    """weight of the action-bound penalty (SHAC++'s section 3)"""
     policy_std: float = 1.0
     """fixed standard deviation of the Gaussian policy"""
     max_grad_norm: float = 1.0
@@ -82,23 +81,22 @@ class Args:
     value_minibatches: int = 4
     """minibatches per value epoch"""
 
+    # what a checkpoint must share with the run that loads it (bookkeeping.py)
+    STRUCTURE: ClassVar = ("scenario", "n_agents", "arch")
+
 
 def parse_args() -> Args:
-    """tyro.cli (a bad flag or value is reported by tyro, with its suggestions), then what it cannot check: ranges,
-    and with --checkpoint the run's own arguments for every flag not given (bookkeeping.resume_args)."""
+    """tyro.cli, then what it cannot check (ranges), and with --checkpoint its run's arguments for the flags not given."""
     args = tyro.cli(Args)
-    if args.checkpoint:
-        args = resume_args(args, sys.argv[1:])
-    for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
-        if type(value) is int and name not in ("seed", "episodes") and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
-    for name, value in asdict(args).items():  # every float is positive or, where 0 means something, non-negative
-        if type(value) is float:
-            high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
-            zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")
-            if not (0 < value <= high or (zero and value == 0)):
-                allowed = f"{'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}"
-                sys.exit(f"error: --{name.replace('_', '-')} must be in {allowed}, got {value}")
+    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
+    for name, value in asdict(args).items():
+        flag = "--" + name.replace("_", "-")
+        if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
+            sys.exit(f"error: {flag} must be at least 1, got {value}")
+        zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")  # 0 allowed; at most 1 for the fractions:
+        high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
+        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
+            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
     if args.episodes == 0 and not args.checkpoint:
@@ -225,40 +223,27 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
 
 
 @torch.no_grad()
-def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False, render: bool = False):
-    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md).
-    Returns the metrics and a dict with, if `record`, the trajectory (time first) for the model accuracies of
-    SHAC++ and, if `render`, the frames of environment 0."""
+def evaluate(policy_mean, env, steps: int, stop_return: float, render: bool = False):
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md): the metrics,
+    and with `render` the frames of environment 0."""
     obs, best = reset(env)
     team_return = torch.zeros(env.num_envs, device=env.device)
     done = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
-    trajectory = dict(obs=[obs], actions=[], rewards=[], alive=[])
     frames = [render_frame(env)] if render else []
     for _ in range(steps):
-        action = policy_mean(obs).clamp(-1.0, 1.0)
-        obs, rewards, dones = step(env, action)
+        obs, rewards, dones = step(env, policy_mean(obs).clamp(-1.0, 1.0))
         team_return += rewards.sum(-1) * ~done  # nothing counts after an environment terminated
-        if record:
-            for k, v in zip(trajectory, (obs, action, rewards, ~done)):
-                trajectory[k].append(v)
-        if render:
-            frames.append(render_frame(env))
+        frames += [render_frame(env)] if render else []
         done |= dones
-    metrics = dict(
-        eval_return=team_return.mean().item(), max_return=best.mean().item(),
-        normalized_return=(team_return.mean() / best.mean()).item(),
-        solved_fraction=(team_return >= stop_return * best).float().mean().item(),
-    )
-    extras = {k: torch.stack(v) for k, v in trajectory.items()} if record else {}
-    return metrics, extras | ({"frames": frames} if render else {})
+    return dict(eval_return=team_return.mean().item(), max_return=best.mean().item(),
+                normalized_return=(team_return.mean() / best.mean()).item(),
+                solved_fraction=(team_return >= stop_return * best).float().mean().item()), frames
 
 
-def seed_everything(seed: int, deterministic: bool):
+def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-
 
 # ---------------------------------------------------------------- SHAC (Xu et al. 2022)
 def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
@@ -278,11 +263,10 @@ def action_penalty(mean, low: float = -1.0, high: float = 1.0):
     return (mean - high).clamp(min=0) ** 2 + (low - mean).clamp(min=0) ** 2
 
 
-def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated, args: Args,
-                guard: NonFiniteGuard) -> dict:
-    """One Adam step on the SHAC policy loss (paper section 2.3) plus the action-bound penalty (section 3).
-    Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions; means (T, N, n, 2)
-    the policy means; alive (T, N): not terminated before step t; terminated (T, N): terminated at step t."""
+def policy_loss(rewards, last_value, means, alive, terminated, args: Args):
+    """The SHAC policy loss (SHAC++ paper, section 2.3) plus alpha times the action-bound penalty on the policy means
+    (section 3). Time first: rewards (T, N, n) and last_value V(s_T) (N, n) carry the gradient to the actions;
+    means (T, N, n, 2); alive (T, N): not terminated before step t; terminated (T, N): at step t."""
     T, N, n = rewards.shape
     discount = args.gamma ** torch.arange(T, device=rewards.device)
     # sum_t gamma^t r_t + gamma^T V(s_T): no reward after a termination, and no bootstrap if the window terminated
@@ -293,13 +277,7 @@ def policy_step(policy, optimizer, rewards, last_value, means, alive, terminated
     window_return = (ret.sum(-1) * live).sum() / denominator
     penalty = (action_penalty(means) * alive[..., None, None]).sum() / (denominator * 2)  # mean over components
     loss = -window_return + args.alpha * penalty
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward(inputs=list(policy.parameters()))  # no gradient lands in any other network
-    grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-    if guard.finite(loss, grad_norm):  # a non-finite update is skipped (and counted)
-        optimizer.step()
-    return dict(policy_loss=loss.detach(), window_return=window_return.detach(), penalty=penalty.detach(),
-                mean_abs=means.detach().abs().mean(), grad_norm=grad_norm)
+    return loss, dict(window_return=window_return.detach(), penalty=penalty.detach())
 
 
 def cut_graph(env):
@@ -310,7 +288,7 @@ def cut_graph(env):
         package.global_shaping = package.global_shaping.detach()
 
 
-def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: int, guard: NonFiniteGuard):
+def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: int, guard):
     """Regress V on the TD(lambda) targets of the current rollout (as original SHAC); obs (M, n, o), targets (M, n)."""
     for _ in range(epochs):
         for idx in torch.randperm(len(obs), device=obs.device).chunk(minibatches):
@@ -327,7 +305,7 @@ if __name__ == "__main__":
     if args.scenario in ("dispersion", "discovery"):  # refused before anything is built
         sys.exit(f"error: the {args.scenario} reward is not differentiable, so SHAC cannot train on it; use shacpp.py")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    seed_everything(args.seed, args.torch_deterministic)
+    seed_everything(args.seed)
     env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed, grad_enabled=True)
     eval_env = make_env(args.scenario, args.n_agents, args.eval_envs, device, args.seed + 1)
     obs_dim = env.observation_space[0].shape[0]
@@ -341,8 +319,8 @@ if __name__ == "__main__":
     modules = dict(policy=policy, value_model=value_model, policy_opt=policy_opt, value_opt=value_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, ALGORITHM) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
-        metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
-        report_evaluation(args.checkpoint, metrics, extras.get("frames"))
+        metrics, frames = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+        report_evaluation(args.checkpoint, metrics, frames)
         sys.exit(0)
     run = Run(args, modules, checkpoint, ALGORITHM, __file__)
     print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
@@ -377,28 +355,34 @@ if __name__ == "__main__":
 
         # ---- policy step on the true rewards and V(s_T), gradients through the physics (SHAC, Xu et al. 2022)
         t1 = clock(device)
-        stats = policy_step(policy, policy_opt, rewards, value_model(obs).squeeze(-1), means, alive_buf, term_buf, args,
-                            run.guard)
+        loss, stats = policy_loss(rewards, value_model(obs).squeeze(-1), means, alive_buf, term_buf, args)
+        policy_opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(policy.parameters()))  # no gradient lands in the value model
+        grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if run.guard.finite(loss, grad_norm):  # a non-finite update is skipped (and counted)
+            policy_opt.step()
 
         # ---- value: TD(lambda) targets of this rollout, trained every episode (original SHAC)
         t2 = clock(device)
         with torch.no_grad():
             values = value_model(obs_buf).squeeze(-1)
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
-        stats["value_loss"] = fit_value(value_model, value_opt, obs_buf[:-1][alive_buf], targets[alive_buf],
+        value_loss = fit_value(value_model, value_opt, obs_buf[:-1][alive_buf], targets[alive_buf],
                                         args.value_epochs, args.value_minibatches, run.guard)
 
         # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
         t3 = clock(device)
         train_return = (rew_buf.sum(-1) * alive_buf).sum(0)[alive_buf[0]].mean().item()  # envs alive at the start
-        row = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+        logged = dict(policy_loss=loss, grad_norm=grad_norm, mean_abs=means.abs().mean(), value_loss=value_loss, **stats)
+        row = dict(zip(logged, torch.stack([v.detach() for v in logged.values()]).tolist()))
         run.log_train(episode, dict(train_return=train_return, **row, rollout_time=t1 - t0, policy_time=t2 - t1,
                                     value_time=t3 - t2))
+        run.check_finite(episode)  # ends the run after too many non-finite updates in a row
 
         # ---- evaluation, checkpoints and early stopping (paper section 4)
         if episode % args.eval_every == 0 or episode == args.episodes:
-            metrics, extras = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
-            run.log_eval(episode, metrics | dict(eval_time=clock(device) - t3), extras.get("frames"))
+            metrics, frames = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+            run.log_eval(episode, metrics | dict(eval_time=clock(device) - t3), frames)
             if metrics["solved_fraction"] >= args.stop_fraction:  # early stop (paper section 4): most envs solved
                 print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
                       f"reached {args.stop_return:.0%} of max_return")
