@@ -1,6 +1,12 @@
 """Tests run tiny configurations, many inside the pytest process: one thread each, as the training runs use.
 `-m "not slow"` leaves out the tests that start processes, resume runs or reset the slow sampling scenario."""
+import os
+import sys
+
 import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]  # tests/ imports the scripts, test_smoke and the tools
 
 torch.set_num_threads(1)
 

@@ -172,7 +172,7 @@ def test_diagnose_compares_gradients(scenario, tmp_path):
                      tmp_path)
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{scenario}__*"))
-    out = run_script("diagnose.py", [run_dir, "--num-envs", "16", "--windows", "2"], tmp_path)
+    out = run_script("tools/diagnose.py", [run_dir, "--num-envs", "16", "--windows", "2"], tmp_path)
     assert out.returncode == 0, out.stderr
     windows = [line for line in out.stdout.splitlines() if line.startswith("window ")]
     assert len(windows) == 2 and all("of envs with a simulator gradient" in line for line in windows)
@@ -191,7 +191,7 @@ def test_diagnose_bad_input_is_one_line(content, message, tmp_path):
         with open(tmp_path / "args.json", "w") as f:
             f.write(content)
         torch.save({"world_model": {}}, tmp_path / "last.pt")
-    out = run_script("diagnose.py", [str(tmp_path)], tmp_path)
+    out = run_script("tools/diagnose.py", [str(tmp_path)], tmp_path)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
 
 

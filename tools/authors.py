@@ -92,12 +92,8 @@ class Args:
     policy_dropout: float | None = None
     """dropout of their policy network while training (their policy_dropout; None: their config's, 0.1; ours has no
     dropout). Their evaluation switches it off"""
-    world_every: int = 10
-    """train the world model every this many episodes (their world_ett)"""
-    reward_every: int = 10
-    """train the reward model every this many episodes (their reward_ett)"""
-    value_every: int = 10
-    """train the value model every this many episodes (their value_ett)"""
+    model_every: int = 10
+    """train the world, reward and value models every this many episodes (their world_, reward_ and value_ett)"""
     model_epochs: int = 10
     """epochs over its cache each time a model trains (their world_, reward_ and value_epochs)"""
     model_minibatch: int = 1000
@@ -129,7 +125,7 @@ CONFIG = {
     "max_grad_norm": ("policy_clip_coefficient",), "policy_dropout": ("policy_dropout",),
     "model_epochs": ("world_epochs", "reward_epochs", "value_epochs"),
     "model_minibatch": ("world_batch_size", "reward_batch_size", "value_batch_size"),
-    **{f"{m}_every": (f"{m}_ett",) for m in ("world", "reward", "value")},
+    "model_every": ("world_ett", "reward_ett", "value_ett"),
     **{f"{m}_cache": (f"{m}_cache_size",) for m in ("world", "reward", "value")},
     **{f"{m}_bins": (f"{m}_bins",) for m in ("world", "reward", "value")},
 }

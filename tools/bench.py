@@ -1,5 +1,5 @@
 """Throughput benchmark: env steps per second of a training script next to raw VMAS stepping of the same
-configuration, measured in one run.  Example: python bench.py --script ppo.py --scenarios dispersion transport
+configuration, measured in one run.  Example: python tools/bench.py --script ppo.py --scenarios dispersion transport
 With --shacpp-steady: SHAC++ seconds per episode at the paper's settings once the caches are full, from measured
 phase costs (see shacpp_steady_state). With --world-attention: one training step of SHAC++'s world model with its
 masked attention over all n (T + 1) tokens against the same attention computed on its structure (docs/speed.md)."""
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import shacpp
 
 from ppo import make_env, reset, step  # the environment factory is identical in every training script

@@ -12,7 +12,7 @@ import torch
 
 from shacpp import make_env, reset
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root
 TOOL = os.path.join(HERE, "tools", "authors.py")
 CHECKOUT = os.environ.get("SHACPP_AUTHORS_CHECKOUT", "")
 ENV = {k: v for k, v in os.environ.items() if k != "SHACPP_AUTHORS_CHECKOUT"} | {"OMP_NUM_THREADS": "1"}

@@ -6,7 +6,7 @@ make_env(...)): the rows that put a learned policy's normalised return in contex
   greedy     dispersion only: every agent heads for its nearest uneaten food, using only its own observation
 A tool, not a training script: it imports shacpp.py for the environment factory and the evaluation. The run folder
 runs/<scenario>__<n>__reference__<policy>__<seed>/ holds args.json and a one-row eval.csv, which plot.py shows.
-Example: python reference.py --policy heuristic --scenario transport --n-agents 3"""
+Example: python tools/reference.py --policy heuristic --scenario transport --n-agents 3"""
 import importlib
 import json
 import os
@@ -19,6 +19,7 @@ import torch
 import tyro
 import vmas
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import shacpp
 
 SCENARIOS = {"heuristic": ("transport", "discovery"), "greedy": ("dispersion",)}  # where a policy exists
@@ -79,7 +80,7 @@ if __name__ == "__main__":
         sys.exit("error: --eval-envs and --eval-steps must be at least 1")
     if problem := unsupported(args):
         sys.exit(f"error: {problem}")
-    shacpp.seed_everything(args.seed, True)
+    shacpp.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = shacpp.make_env(args.scenario, args.n_agents, args.eval_envs, device, args.seed)
     shape = (args.eval_envs, args.n_agents, 2)

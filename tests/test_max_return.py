@@ -14,7 +14,7 @@ import shacpp
 from ppo import make_env, max_return, reset, step  # identical in the three training scripts
 from test_smoke import run_script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root
 
 ENVS = 4
 
@@ -234,7 +234,7 @@ def test_greedy_controller_solves_dispersion(n_agents):
 
 
 def test_reference_refuses_a_policy_a_scenario_lacks(tmp_path):
-    out = run_script("reference.py", ["--policy", "heuristic", "--scenario", "sampling"], tmp_path)
+    out = run_script("tools/reference.py", ["--policy", "heuristic", "--scenario", "sampling"], tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "error: there is no heuristic policy for sampling (only for transport and discovery)"]

@@ -6,7 +6,7 @@ environment's actions a little along each gradient, replay the window in the sim
 gained: a model gradient is useful to the extent that its gain approaches the simulator gradient's, and no better
 than noise when it is no larger than a random direction's.  A diagnostic tool, not a training script: it imports
 shacpp.py for the networks and the environment factory.
-Example: python diagnose.py runs/transport__1__mlp__shacpp__1__1795518769 --num-envs 4096"""
+Example: python tools/diagnose.py runs/transport__1__mlp__shacpp__1__1795518769 --num-envs 4096"""
 import json
 import os
 import sys
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project root
 import shacpp
 
 
