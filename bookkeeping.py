@@ -63,7 +63,8 @@ class CSVLog:
             if self.columns is None:
                 self.columns = list(row)
                 f.write(",".join(self.columns) + "\n")
-            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns) + "\n")
+            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns))
+            f.write("\n")
 
 
 def rng_states() -> dict:

@@ -1,15 +1,13 @@
-# PPO / MAPPO baseline of SHAC++ (Bertolotti et al., ECAI 2025; https://github.com/f14-bertolotti/shacpp), CleanRL-style
-# CleanRL's ppo_continuous_action.py, batched over VMAS environments and agents, with equal minibatches and CleanRL's
-# reward scaling, which lifts MAPPO on dispersion with 3 agents from 0.13 to 0.50 (episode 50). CleanRL's other details
-# are flags, off by default: each slowed PPO on transport (orthogonal init, Adam eps 1e-5, learning-rate annealing,
-# observation normalisation; measured in docs/ppo.md). --actor decentralised: Yu et al. 2022's MAPPO (the paper's
-# MAPPO is centralised).
+# PPO / MAPPO, the on-policy baseline of SHAC++ (Bertolotti et al., ECAI 2025), CleanRL-style single file: CleanRL's
+# ppo_continuous_action.py batched over VMAS environments and agents, with CleanRL's reward scaling. The default actor,
+# one network over all agents, is the paper's MAPPO; --actor decentralised, one network on each agent's own
+# observation, is Yu et al. 2022's MAPPO. docs/ppo.md explains every argument and logged column.
 import math
 import os
 import random
 import sys
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,8 +29,6 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of python, numpy, torch and the simulator"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, run everything (simulator included) on CUDA when it is available"""
     scenario: Literal["dispersion", "transport", "discovery", "sampling"] = "dispersion"
@@ -42,48 +38,36 @@ class Args:
     arch: Literal["mlp", "transformer"] = "mlp"
     """architecture of the policy and value networks"""
     episodes: int = 20000
-    """number of training episodes (one episode = one rollout of num_steps in num_envs, then the updates)"""
+    """training episodes (one episode: a rollout of num_steps in num_envs environments, then the updates)"""
     num_envs: int = 512
-    """number of parallel training environments"""
+    """parallel training environments"""
     num_steps: int = 32
-    """steps per rollout (the horizon h of the paper)"""
+    """steps per rollout, the window h of the paper"""
     reset_every: int = 10
-    """reset all training environments every this many episodes"""
+    """reset every training environment every this many episodes"""
     eval_every: int = 100
     """evaluate every this many episodes (and at the end)"""
     eval_envs: int = 512
-    """number of evaluation environments"""
+    """evaluation environments"""
     eval_steps: int = 512
     """steps per evaluation rollout"""
     stop_fraction: float = 0.9
-    """early stop when this fraction of evaluation environments ..."""
+    """early stop when this fraction of the evaluation environments ..."""
     stop_return: float = 0.9
     """... reaches this fraction of its max_return"""
-    save_model: bool = False
-    """save the final networks to runs/<run_name>/final.pt"""
     capture_video: bool = False
-    """at every evaluation, render evaluation environment 0 to a GIF (VMAS renderer)"""
+    """at every evaluation, render evaluation environment 0 to a GIF"""
     checkpoint: str = ""
-    """resume from this checkpoint (last.pt or best.pt, or a run folder for its last.pt) with the run's own arguments
-    except those given; with --episodes 0, only evaluate it"""
+    """resume from this checkpoint (or a run folder's last.pt) with its run's arguments except those given; with
+    --episodes 0, only evaluate it"""
     run_dir: str = ""
     """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 
-    # PPO: CleanRL's ppo_continuous_action.py, with its implementation details on by default
+    # PPO (CleanRL's ppo_continuous_action.py)
     actor: Literal["centralised", "decentralised"] = "centralised"
     """one network over all agents (the paper's MAPPO), or one on each agent's own observation (Yu et al. 2022)"""
     learning_rate: float = 1e-3
     """Adam learning rate of the policy and value networks"""
-    anneal_lr: bool = False
-    """decay the learning rate linearly to 0 at episode --anneal-episodes (CleanRL's anneal_lr)"""
-    anneal_episodes: int = 20000
-    """episode where the annealed rate reaches 0 and stays: the paper's budget, not --episodes, so resumes match"""
-    adam_eps: float = 1e-8
-    """Adam epsilon (PyTorch's default; CleanRL uses 1e-5)"""
-    orthogonal_init: bool = False
-    """orthogonal weights (gain sqrt 2; heads: actor 0.01, critic 1) and zero biases, as CleanRL's layer_init"""
-    norm_obs: bool = False
-    """normalise the inputs by a running mean and std per feature, clip to +-10 (CleanRL's NormalizeObservation)"""
     norm_reward: bool = True
     """divide rewards by the running std of the discounted return (CleanRL's NormalizeReward, without its clip)"""
     gamma: float = 0.99
@@ -103,23 +87,22 @@ class Args:
     max_grad_norm: float = 0.5
     """gradient norm clip"""
 
+    # what a checkpoint must share with the run that loads it (bookkeeping.py)
+    STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "actor")
+
 
 def parse_args() -> Args:
-    """tyro.cli (a bad flag or value is reported by tyro, with its suggestions), then what it cannot check: ranges,
-    and with --checkpoint the run's own arguments for every flag not given (bookkeeping.resume_args)."""
+    """tyro.cli, then what it cannot check (ranges); with --checkpoint, its run's arguments for the flags not given."""
     args = tyro.cli(Args)
-    if args.checkpoint:
-        args = resume_args(args, sys.argv[1:])
-    for name, value in asdict(args).items():  # every count, size and interval (not the seed or episodes) is >= 1
-        if type(value) is int and name not in ("seed", "episodes") and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1, got {value}")
-    for name, value in asdict(args).items():  # every float is positive or, where 0 means something, non-negative
-        if type(value) is float:
-            high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
-            zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")
-            if not (0 < value <= high or (zero and value == 0)):
-                allowed = f"{'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}"
-                sys.exit(f"error: --{name.replace('_', '-')} must be in {allowed}, got {value}")
+    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
+    for name, value in asdict(args).items():
+        flag = "--" + name.replace("_", "-")
+        if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
+            sys.exit(f"error: {flag} must be at least 1, got {value}")
+        zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")  # 0 allowed; at most 1 for the fractions:
+        high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
+        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
+            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
     if args.episodes < 0:
         sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
     if args.episodes == 0 and not args.checkpoint:
@@ -150,7 +133,8 @@ class Sampling(VmasSampling):
             return super().nomrlize_pdf(env_index)
         x = torch.arange(-self.xdim, self.xdim, self.grid_spacing, device=self.world.device)
         y = torch.arange(-self.ydim, self.ydim, self.grid_spacing, device=self.world.device)
-        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim, self.world.y_semidim)
+        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim,
+                                                                             self.world.y_semidim)
         grid = torch.stack(torch.meshgrid(x, y, indexing="ij"), -1).reshape(-1, 1, 2)  # (points, 1, 2), as VMAS clamps
         density = sum(gaussian.log_prob(grid).exp() for gaussian in self.gaussians)  # (points, envs)
         self.max_pdf = torch.maximum(self.max_pdf, density.amax(0))
@@ -246,45 +230,32 @@ def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Modu
 
 
 @torch.no_grad()
-def evaluate(policy_mean, env, steps: int, stop_return: float, record: bool = False, render: bool = False):
-    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md).
-    Returns the metrics and a dict with, if `record`, the trajectory (time first) for the model accuracies of
-    SHAC++ and, if `render`, the frames of environment 0."""
+def evaluate(policy_mean, env, steps: int, stop_return: float, render: bool = False):
+    """Deterministic rollout (the policy mean, clamped) in freshly reset environments (docs/usage.md): the metrics,
+    and with `render` the frames of environment 0."""
     obs, best = reset(env)
     team_return = torch.zeros(env.num_envs, device=env.device)
     done = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
-    trajectory = dict(obs=[obs], actions=[], rewards=[], alive=[])
     frames = [render_frame(env)] if render else []
     for _ in range(steps):
-        action = policy_mean(obs).clamp(-1.0, 1.0)
-        obs, rewards, dones = step(env, action)
+        obs, rewards, dones = step(env, policy_mean(obs).clamp(-1.0, 1.0))
         team_return += rewards.sum(-1) * ~done  # nothing counts after an environment terminated
-        if record:
-            for k, v in zip(trajectory, (obs, action, rewards, ~done)):
-                trajectory[k].append(v)
-        if render:
-            frames.append(render_frame(env))
+        frames += [render_frame(env)] if render else []
         done |= dones
-    metrics = dict(
-        eval_return=team_return.mean().item(), max_return=best.mean().item(),
-        normalized_return=(team_return.mean() / best.mean()).item(),
-        solved_fraction=(team_return >= stop_return * best).float().mean().item(),
-    )
-    extras = {k: torch.stack(v) for k, v in trajectory.items()} if record else {}
-    return metrics, extras | ({"frames": frames} if render else {})
+    return dict(eval_return=team_return.mean().item(), max_return=best.mean().item(),
+                normalized_return=(team_return.mean() / best.mean()).item(),
+                solved_fraction=(team_return >= stop_return * best).float().mean().item()), frames
 
 
-def seed_everything(seed: int, deterministic: bool):
+def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-
 
 # ---------------------------------------------------------------- PPO (CleanRL's ppo_continuous_action.py)
 class Policy(nn.Module):
-    """Gaussian policy, state-independent learned log-std. The mean: `centralised`, one network over all agents (the
-    paper's MAPPO); `decentralised`, one network on each agent's own observation (Yu et al. 2022's MAPPO)."""
+    """Gaussian policy with a state-independent learned log-std. The mean: centralised, one network over all agents
+    (the paper's MAPPO); decentralised, one network on each agent's own observation (Yu et al. 2022)."""
 
     def __init__(self, arch: str, n_agents: int, obs_dim: int, actor: str = "centralised"):
         super().__init__()
@@ -299,19 +270,9 @@ class Policy(nn.Module):
         return torch.distributions.Normal(self.mean(obs), self.log_std.exp(), validate_args=False)
 
 
-def orthogonal_init(net: nn.Module, head_gain: float) -> nn.Module:
-    """CleanRL's layer_init on every nn.Linear of `net` (not the transformer's fused attention input projection):
-    orthogonal weights, gain sqrt(2), zero biases; the last one, the head, gets `head_gain` (actor 0.01, critic 1)."""
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    for layer in linears:
-        nn.init.orthogonal_(layer.weight, head_gain if layer is linears[-1] else math.sqrt(2))
-        nn.init.zeros_(layer.bias)
-    return net
-
-
 class RunningNorm(nn.Module):
-    """Running mean and variance of everything passed to update() (the parallel update of gymnasium's RunningMeanStd),
-    kept in buffers so that checkpoints carry them; calling it normalises and clips to +-10 (CleanRL's wrappers)."""
+    """Running mean and variance of everything passed to update() (the parallel update of gymnasium's
+    RunningMeanStd), kept in buffers so that checkpoints carry them."""
 
     def __init__(self, shape=()):
         super().__init__()
@@ -327,20 +288,16 @@ class RunningNorm(nn.Module):
         self.mean += delta * count / total
         self.count += count
 
-    def forward(self, x):
-        return ((x - self.mean) / (self.var + 1e-8).sqrt()).clamp(-10.0, 10.0)
-
 
 def minibatches(batch_size: int, minibatch_size: int, device=None) -> tuple[torch.Tensor, ...]:
-    """A random split of range(batch_size) into round(batch_size / minibatch_size) minibatches whose sizes differ by
-    at most one (CleanRL: batch_size // num_minibatches each), so no short tail minibatch gets a full Adam step."""
+    """A random split of range(batch_size) into round(batch_size / minibatch_size) parts whose sizes differ by at
+    most one (CleanRL: batch_size // num_minibatches each), so no short tail gets a full Adam step."""
     return torch.randperm(batch_size, device=device).tensor_split(max(1, round(batch_size / minibatch_size)))
 
 
 def gae(rewards, values, next_value, dones, gamma: float, lam: float):
-    """Generalised advantage estimation over a rollout of T steps.
-    rewards, values: (T, ...); next_value: V(s_T), (...); dones: (T, ...), True where step t terminated.
-    Returns advantages and returns (= advantages + values)."""
+    """Generalised advantage estimation (Schulman et al. 2016) over T steps, time first: rewards, values (T, ...);
+    next_value V(s_T) (...); dones (T, ...), True where step t terminated. Returns advantages and returns."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -355,33 +312,28 @@ def gae(rewards, values, next_value, dones, gamma: float, lam: float):
 if __name__ == "__main__":
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    seed_everything(args.seed, args.torch_deterministic)
+    seed_everything(args.seed)
     env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed)
     eval_env = make_env(args.scenario, args.n_agents, args.eval_envs, device, args.seed + 1)
     obs_dim = env.observation_space[0].shape[0]
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
     policy = Policy(args.arch, n, obs_dim, args.actor).to(device)
-    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # centralised critic V(s) per agent
-    if args.orthogonal_init:
-        orthogonal_init(policy.net, 0.01), orthogonal_init(value_model, 1.0)
-    obs_norm, reward_norm = RunningNorm(obs_dim).to(device), RunningNorm().to(device)  # statistics shared by the agents
-    normalize = obs_norm if args.norm_obs else nn.Identity()
-    optimizer = torch.optim.Adam([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate,
-                                 eps=args.adam_eps, fused=True)  # one kernel for all parameters: many small steps
+    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # centralised critic: V(s) per agent
+    reward_norm = RunningNorm().to(device)  # one statistic for all agents
+    params = [*policy.parameters(), *value_model.parameters()]
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)  # fused: one kernel, many small steps
 
-    modules = dict(policy=policy, value_model=value_model, obs_norm=obs_norm, reward_norm=reward_norm,
-                   optimizer=optimizer)
+    modules = dict(policy=policy, value_model=value_model, reward_norm=reward_norm, optimizer=optimizer)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, ALGORITHM) if args.checkpoint else None
-    policy_mean = lambda obs: policy.mean(normalize(obs))  # noqa: E731  (what evaluate() runs, deterministic)
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
-        metrics, extras = evaluate(policy_mean, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
-        report_evaluation(args.checkpoint, metrics, extras.get("frames"))
+        metrics, frames = evaluate(policy.mean, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+        report_evaluation(args.checkpoint, metrics, frames)
         sys.exit(0)
     run = Run(args, modules, checkpoint, ALGORITHM, __file__)
     print(f"run {run.dir} on {device}: obs {obs_dim} per agent, {N} envs x {T} steps, from episode {run.episode + 1}")
 
-    # rollout storage, preallocated
+    # rollout storage, time first, preallocated
     obs_buf = torch.zeros(T, N, n, obs_dim, device=device)
     act_buf = torch.zeros(T, N, n, 2, device=device)
     rew_buf, disc_buf = torch.zeros(T, N, n, device=device), torch.zeros(T, N, n, device=device)
@@ -389,9 +341,6 @@ if __name__ == "__main__":
     alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
 
     for episode in range(run.episode + 1, args.episodes + 1):
-        if args.anneal_lr:  # CleanRL's linear decay, set from the episode number (a resumed run gets the same rates)
-            optimizer.param_groups[0]["lr"] = args.learning_rate * max(0.0, 1.0 - (episode - 1) / args.anneal_episodes)
-
         # ---- rollout: continue from the last episode, reset on schedule (and after a resume)
         t0 = clock(device)
         if episode == run.episode + 1 or (episode - 1) % args.reset_every == 0 or bool(done.all()):
@@ -399,27 +348,26 @@ if __name__ == "__main__":
             done = torch.zeros(N, dtype=torch.bool, device=device)
             discounted = torch.zeros(N, n, device=device)  # running discounted return (reward scaling)
         with torch.no_grad():
-            for t in range(T):  # only what the next action needs; log-probabilities and values are batched below
-                action = policy.dist(normalize(obs)).sample()
+            for t in range(T):
+                action = policy.dist(obs).sample()
                 obs_buf[t], act_buf[t], alive_buf[t] = obs, action, ~done
                 obs, rew_buf[t], dones = step(env, action.clamp(-1.0, 1.0))
                 done_buf[t] = dones & ~done  # terminated at this step
                 disc_buf[t] = discounted = args.gamma * discounted + rew_buf[t] * alive_buf[t, :, None]
                 done = done | dones
-            net_obs = normalize(torch.cat([obs_buf, obs[None]]))  # s_0..s_T as the networks see them
-            logp_buf = policy.dist(net_obs[:-1]).log_prob(act_buf).sum(-1)  # log-probability of the unclamped sample
-            values = value_model(net_obs).squeeze(-1)  # V(s_0..s_T) in one call
-            val_buf, next_value = values[:-1], values[-1]
+            all_obs = torch.cat([obs_buf, obs[None]])  # s_0..s_T
+            logp_buf = policy.dist(all_obs[:-1]).log_prob(act_buf).sum(-1)  # of the unclamped samples, batched
+            values = value_model(all_obs).squeeze(-1)  # V(s_0..s_T) in one call
             rewards = rew_buf
-            if args.norm_reward:  # CleanRL's NormalizeReward: scale by the std of the discounted return (not centred);
+            if args.norm_reward:  # CleanRL's NormalizeReward: divide by the std of the discounted return (not centred);
                 reward_norm.update(disc_buf[alive_buf].flatten())  # no +-10 clip: a sparse reward is tens of stds, and
                 rewards = rew_buf / (reward_norm.var + 1e-8).sqrt()  # clipping would make 1 and 1/2 (dispersion) equal
-            advantages, returns = gae(rewards, val_buf, next_value, done_buf.unsqueeze(-1), args.gamma, args.lam)
+            advantages, returns = gae(rewards, values[:-1], values[-1], done_buf.unsqueeze(-1), args.gamma, args.lam)
 
-        # ---- PPO update over (step, environment) samples; steps after a termination are masked out
+        # ---- PPO update over (step, environment) samples; the steps after a termination are masked out
         t1 = clock(device)
-        b_obs, b_act, b_logp = net_obs[:-1].flatten(0, 1), act_buf.flatten(0, 1), logp_buf.flatten(0, 1)
-        b_adv, b_ret, b_val = advantages.flatten(0, 1), returns.flatten(0, 1), val_buf.flatten(0, 1)
+        b_obs, b_act, b_logp = all_obs[:-1].flatten(0, 1), act_buf.flatten(0, 1), logp_buf.flatten(0, 1)
+        b_adv, b_ret, b_val = advantages.flatten(0, 1), returns.flatten(0, 1), values[:-1].flatten(0, 1)
         b_mask = alive_buf.flatten(0, 1).float().unsqueeze(-1).expand(-1, n)
         stats = torch.zeros(5, device=device)  # policy loss, value loss, approx kl, clip fraction, grad norm
         n_updates = 0
@@ -431,10 +379,10 @@ if __name__ == "__main__":
                 dist = policy.dist(b_obs[idx])
                 logratio = dist.log_prob(b_act[idx]).sum(-1) - b_logp[idx]
                 ratio = logratio.exp()
-                adv = b_adv[idx]
-                adv_mean = masked_mean(adv)
-                adv = (adv - adv_mean) / (masked_mean((adv - adv_mean) ** 2).sqrt() + 1e-8)
-                pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)))
+                adv = b_adv[idx] - masked_mean(b_adv[idx])  # normalised per minibatch, as CleanRL
+                adv = adv / (masked_mean(adv ** 2).sqrt() + 1e-8)
+                surrogate = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef))
+                pg_loss = masked_mean(surrogate)  # the clipped surrogate objective, negated
                 v = value_model(b_obs[idx]).squeeze(-1)
                 v_clipped = b_val[idx] + (v - b_val[idx]).clamp(-args.clip_coef, args.clip_coef)
                 v_loss = 0.5 * masked_mean(torch.max((v - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2))
@@ -442,32 +390,30 @@ if __name__ == "__main__":
                 loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_([*policy.parameters(), *value_model.parameters()],
-                                                     args.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if run.guard.finite(loss, grad_norm):  # a non-finite update is skipped (and counted)
                     optimizer.step()
                 with torch.no_grad():
-                    approx_kl = masked_mean((ratio - 1) - logratio)
+                    approx_kl = masked_mean((ratio - 1) - logratio)  # http://joschu.net/blog/kl-approx.html
                     clipfrac = masked_mean(((ratio - 1.0).abs() > args.clip_coef).float())
                     stats += torch.stack([pg_loss, v_loss, approx_kl, clipfrac, grad_norm]).detach()
                 n_updates += 1
-        if args.norm_obs:  # CleanRL's NormalizeObservation, updated after the update: the rollout, its log-probs
-            obs_norm.update(obs_buf[alive_buf].flatten(0, 1))  # and the update all saw the same normalisation
 
         # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
         t2 = clock(device)
+        train_return = (rew_buf.sum(-1) * alive_buf).sum(0)[alive_buf[0]].mean().item()  # envs alive at the start
         stats = (stats / n_updates).tolist()
-        run.log_train(episode, dict(
-            train_return=(rew_buf.sum(-1) * alive_buf).sum(0)[alive_buf[0]].mean().item(), policy_loss=stats[0],
-            value_loss=stats[1], approx_kl=stats[2], clipfrac=stats[3], grad_norm=stats[4],
-            std=policy.log_std.exp().mean().item(), lr=optimizer.param_groups[0]["lr"], rollout_time=t1 - t0,
-            update_time=t2 - t1))
+        run.log_train(episode, dict(train_return=train_return, policy_loss=stats[0], value_loss=stats[1],
+                                    approx_kl=stats[2], clipfrac=stats[3], grad_norm=stats[4],
+                                    std=policy.log_std.exp().mean().item(), lr=optimizer.param_groups[0]["lr"],
+                                    rollout_time=t1 - t0, update_time=t2 - t1))
+        run.check_finite(episode)  # ends the run after too many non-finite updates in a row
 
-        # ---- evaluation, checkpoints and early stopping
+        # ---- evaluation, checkpoints and early stopping (paper section 4)
         if episode % args.eval_every == 0 or episode == args.episodes:
-            metrics, extras = evaluate(policy_mean, eval_env, args.eval_steps, args.stop_return,
+            metrics, frames = evaluate(policy.mean, eval_env, args.eval_steps, args.stop_return,
                                        render=args.capture_video)
-            run.log_eval(episode, metrics | dict(eval_time=clock(device) - t2), extras.get("frames"))
+            run.log_eval(episode, metrics | dict(eval_time=clock(device) - t2), frames)
             if metrics["solved_fraction"] >= args.stop_fraction:  # early stop (paper section 4): most envs solved
                 print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
                       f"reached {args.stop_return:.0%} of max_return")

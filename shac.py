@@ -86,7 +86,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    """tyro.cli, then what it cannot check (ranges), and with --checkpoint its run's arguments for the flags not given."""
+    """tyro.cli, then what it cannot check (ranges); with --checkpoint, its run's arguments for the flags not given."""
     args = tyro.cli(Args)
     args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
     for name, value in asdict(args).items():
@@ -127,7 +127,8 @@ class Sampling(VmasSampling):
             return super().nomrlize_pdf(env_index)
         x = torch.arange(-self.xdim, self.xdim, self.grid_spacing, device=self.world.device)
         y = torch.arange(-self.ydim, self.ydim, self.grid_spacing, device=self.world.device)
-        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim, self.world.y_semidim)
+        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim,
+                                                                             self.world.y_semidim)
         grid = torch.stack(torch.meshgrid(x, y, indexing="ij"), -1).reshape(-1, 1, 2)  # (points, 1, 2), as VMAS clamps
         density = sum(gaussian.log_prob(grid).exp() for gaussian in self.gaussians)  # (points, envs)
         self.max_pdf = torch.maximum(self.max_pdf, density.amax(0))
@@ -373,7 +374,8 @@ if __name__ == "__main__":
         # ---- log: one row per episode (the only host synchronisation of the episode besides the update guard)
         t3 = clock(device)
         train_return = (rew_buf.sum(-1) * alive_buf).sum(0)[alive_buf[0]].mean().item()  # envs alive at the start
-        logged = dict(policy_loss=loss, grad_norm=grad_norm, mean_abs=means.abs().mean(), value_loss=value_loss, **stats)
+        logged = dict(policy_loss=loss, grad_norm=grad_norm, mean_abs=means.abs().mean(), value_loss=value_loss,
+                      **stats)
         row = dict(zip(logged, torch.stack([v.detach() for v in logged.values()]).tolist()))
         run.log_train(episode, dict(train_return=train_return, **row, rollout_time=t1 - t0, policy_time=t2 - t1,
                                     value_time=t3 - t2))

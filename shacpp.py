@@ -119,7 +119,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    """tyro.cli, then what it cannot check (ranges), and with --checkpoint its run's arguments for the flags not given."""
+    """tyro.cli, then what it cannot check (ranges); with --checkpoint, its run's arguments for the flags not given."""
     args = tyro.cli(Args)
     args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
     for name, value in asdict(args).items():
@@ -160,7 +160,8 @@ class Sampling(VmasSampling):
             return super().nomrlize_pdf(env_index)
         x = torch.arange(-self.xdim, self.xdim, self.grid_spacing, device=self.world.device)
         y = torch.arange(-self.ydim, self.ydim, self.grid_spacing, device=self.world.device)
-        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim, self.world.y_semidim)
+        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim,
+                                                                             self.world.y_semidim)
         grid = torch.stack(torch.meshgrid(x, y, indexing="ij"), -1).reshape(-1, 1, 2)  # (points, 1, 2), as VMAS clamps
         density = sum(gaussian.log_prob(grid).exp() for gaussian in self.gaussians)  # (points, envs)
         self.max_pdf = torch.maximum(self.max_pdf, density.amax(0))
@@ -314,7 +315,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.net = make_network(arch, n_agents, 2 * obs_dim + 2, 1)
 
-    def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs) -> (..., agents)
+    def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs)
         return self.net(torch.cat([obs, action, next_obs], -1)).squeeze(-1)
 
 

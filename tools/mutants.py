@@ -17,7 +17,7 @@ MUTANTS = [
     ("ppo advantage sign", "ppo.py", "torch.max(-adv * ratio, -adv * ratio.clamp(", "torch.max(adv * ratio, adv * ratio.clamp("),
 ]
 only = sys.argv[1:]
-tests = os.environ.get("TESTS", "test_gradients.py test_shacpp.py test_learning.py test_ppo.py").split()
+tests = os.environ.get("TESTS", "tests/test_gradients.py tests/test_shacpp.py tests/test_learning.py tests/test_ppo.py").split()
 for name, path, old, new in MUTANTS:
     if only and not any(o in name for o in only):
         continue

@@ -1,5 +1,5 @@
-"""Tests of ppo.py's CleanRL details and actor variants: orthogonal initialisation, equal minibatches, the decentralised
-actor, the running observation statistics, and a tiny decentralised run. Fast (a few seconds); run:
+"""Tests of ppo.py's CleanRL details and actor variants: equal minibatches, the decentralised actor, the running
+statistics of the reward scaling, and a tiny decentralised run. Fast (a few seconds); run:
 python -m pytest -q test_ppo.py"""
 import glob
 import math
@@ -10,25 +10,6 @@ import torch
 
 import ppo
 from test_smoke import TINY, read_csv, run_script
-
-
-def test_orthogonal_init_gains():
-    """CleanRL's layer_init: hidden layers orthogonal with gain sqrt(2), actor head 0.01, critic head 1, biases 0."""
-    torch.manual_seed(0)
-    policy, value_model = ppo.Policy("mlp", 3, 7), ppo.make_network("mlp", 3, 7, 1)
-    ppo.orthogonal_init(policy.net, 0.01), ppo.orthogonal_init(value_model, 1.0)
-    net = policy.net
-    hidden = net.block[1].weight  # (96, 96): W W^T = 2 I
-    torch.testing.assert_close(hidden @ hidden.T, 2.0 * torch.eye(96), atol=1e-4, rtol=0)
-    first = net.inp.weight  # (96, 21), more rows than columns: orthonormal columns, times sqrt(2)
-    torch.testing.assert_close(first.T @ first, 2.0 * torch.eye(21), atol=1e-4, rtol=0)
-    head = net.out.weight  # (6, 96): every singular value is the gain 0.01
-    torch.testing.assert_close(torch.linalg.svdvals(head), torch.full((6,), 0.01), atol=1e-6, rtol=0)
-    assert head.abs().max() < 0.01  # so the first action means are close to 0
-    torch.testing.assert_close(torch.linalg.svdvals(value_model.out.weight), torch.ones(3), atol=1e-5, rtol=0)
-    assert all((m.bias == 0).all() for m in [*net.modules(), *value_model.modules()] if isinstance(m, torch.nn.Linear))
-    transformer = ppo.orthogonal_init(ppo.make_network("transformer", 3, 7, 2), 0.01)
-    torch.testing.assert_close(torch.linalg.svdvals(transformer.head.weight), torch.full((2,), 0.01), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("batch, minibatch, sizes", [(16384, 2000, [2048] * 8), (32, 16, [16, 16]),
@@ -61,25 +42,25 @@ def test_decentralised_actor_sees_only_its_own_observation(arch):
 def test_running_norm_matches_torch_statistics():
     torch.manual_seed(0)
     norm = ppo.RunningNorm(5)
-    batches = [torch.randn(n, 5) * scale + shift for n, scale, shift in ((100, 1.0, 3.0), (7, 5.0, -2.0), (900, 0.1, 0))]
+    shapes = ((100, 1.0, 3.0), (7, 5.0, -2.0), (900, 0.1, 0))  # samples, scale, shift
+    batches = [torch.randn(n, 5) * scale + shift for n, scale, shift in shapes]
     for x in batches:
         norm.update(x)
     data = torch.cat(batches)
     torch.testing.assert_close(norm.mean, data.mean(0), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(norm.var, data.var(0, unbiased=False), atol=1e-4, rtol=1e-5)
     assert norm.count.item() == pytest.approx(len(data), abs=1e-3)
-    torch.testing.assert_close(norm(data[:3]), (data[:3] - data.mean(0)) / data.std(0, unbiased=False))
-    assert norm(torch.full((1, 5), 1e6)).eq(10.0).all()  # clipped to +-10, as CleanRL
     assert {"mean", "var", "count"} <= set(norm.state_dict())  # checkpoints carry the statistics
 
 
 def test_decentralised_end_to_end(tmp_path):
     out = run_script("ppo.py", ["--scenario", "dispersion", "--n-agents", "3", "--actor", "decentralised",
-                                "--norm-obs", "--norm-reward", "--minibatch-size", "16", *TINY], tmp_path)
+                                "--norm-reward", "--minibatch-size", "16", *TINY], tmp_path)
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "dispersion__3__mlp__ppo__1__*"))
     evals = read_csv(os.path.join(run_dir, "eval.csv"))
     assert [r["episode"] for r in evals] == ["2", "3"] and all(math.isfinite(float(v)) for v in evals[-1].values())
     state = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
-    assert state["obs_norm"]["count"] == pytest.approx(3 * 8 * 4 * 3, abs=1e-3)  # 3 rollouts, 8 envs, 4 steps, 3 agents
-    assert state["reward_norm"]["count"] > 1 and state["policy"]["net.inp.weight"].shape == (32, 13)  # per agent
+    assert "obs_norm" not in state  # no observation normalisation
+    assert 1 < state["reward_norm"]["count"] <= 3 * 8 * 4 * 3 + 1e-3  # at most 3 rollouts x 8 envs x 4 steps x 3 agents
+    assert state["policy"]["net.inp.weight"].shape == (32, 13)  # per agent
