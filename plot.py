@@ -1,9 +1,8 @@
-# Learning curves and the normalised-return table of our runs: the layout of the paper's Fig. 4
-# and Table 1. Usage: python plot.py runs/ [more run folders or parents] [--x steps|time] [--out FILE] [--pdf]
+# Learning curves in the layout of the SHAC++ paper's Fig. 4, and on stdout a Markdown table of the best normalized
+# return per scenario, agents and algorithm. Usage: python plot.py results/ [--x steps|time|episodes] [--out F] [--pdf]
 import csv
 import itertools
 import json
-import math
 import os
 import sys
 from collections import defaultdict
@@ -15,28 +14,32 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import tyro  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
-COLUMN = {"episodes": "episode", "steps": "global_step", "time": "time"}
-LABEL = {"episodes": "episode", "steps": "environment steps", "time": "wall-clock seconds"}
-COLOURS = {"ppo": "tab:blue", "shac": "tab:green", "shac+": "tab:orange", "shacpp": "tab:red"}  # each default
-VARIANT_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "navy", "lime", "magenta",
-                   "teal", "gold", "maroon", "slategray")  # every other configuration gets one of its own, by label
-VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # and a marker, so that no two look alike
+SCENARIOS = ("dispersion", "transport", "discovery", "sampling")  # the paper's order
+ALGORITHMS = {"ppo": ("PPO/MAPPO", "tab:blue"), "shac": ("SHAC", "tab:green"), "shac+": ("SHAC+", "tab:orange"),
+              "shacpp": ("SHAC++", "tab:red"), "authors": ("SHAC++ (authors' code)", "tab:purple")}
+# reference.py's controllers, a dotted level each; its zero-action controller (0.00-0.01 everywhere) is left out
+REFERENCES = {"heuristic": ("heuristic", "black"), "greedy": ("greedy", "dimgray"), "random": ("random", "darkgray")}
+SHOWN = ALGORITHMS | REFERENCES  # the table's columns, in order: name and colour
 STYLES = {"mlp": "-", "transformer": "--"}
+MARKERS = "os^DvPX*"  # several configurations of one algorithm, architecture and panel: a marker each
+XAXIS = {"steps": ("global_step", "environment steps"), "time": ("time", "wall-clock minutes"),
+         "episodes": ("episode", "episodes")}  # the eval.csv column and the axis label
 # arguments that do not make two runs different learners: runs that differ only here form one group
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", "run_dir", "exp_name", "episodes",
            "eval_every", "torch_deterministic", "script", "git_commit", "torch", "vmas"}
-PANEL = {"algorithm", "scenario", "n_agents", "arch", "policy"}  # shown by the panel or the label's start
 ADDED = {"dynamics": "model", "credit": "team"}  # shacpp.py arguments newer than some runs: what those runs did
-REFERENCES = {"heuristic": "black", "greedy": "tab:purple", "random": "tab:gray", "zero": "tab:brown"}  # reference.py
+CAPTION = ("Cell: best evaluation normalized_return, mean over seeds (seeds, wall-clock minutes); a reference "
+           "controller: its one evaluation; several configurations: separated by ';', named by exp_name; –: no run.")
 
 
 @dataclass
 class Args:
     paths: tyro.conf.Positional[tuple[str, ...]] = ("runs",)
     """run folders, or folders to search for runs (a run is a folder with args.json and eval.csv)"""
-    x: Literal["episodes", "steps", "time"] = "episodes"
-    """x axis: training episodes, environment steps, or wall-clock seconds"""
+    x: Literal["steps", "time", "episodes"] = "steps"
+    """x axis: environment steps (runs of different window lengths compare), wall-clock minutes, or episodes"""
     out: str = "results.png"
     """where to write the figure"""
     pdf: bool = False
@@ -52,161 +55,152 @@ def find_runs(paths) -> list[str]:
     return runs
 
 
-def load(run: str):
-    """(args, rows of eval.csv as floats), or None when the run has no evaluation yet."""
-    with open(os.path.join(run, "args.json")) as f:
-        args = json.load(f)
-    if args.get("algorithm") in ("shacpp", "shac+"):
-        args = ADDED | args
-    path = os.path.join(run, "eval.csv")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if None not in row.values()]
-    return (args, rows) if rows else None  # a partial last line (run still writing) is left out above
+def column(args: dict) -> str:
+    """The table column (and the colour) of a run: its algorithm, or "authors" for the authors' SHAC++ code."""
+    return "authors" if args.get("implementation") == "authors" else args["algorithm"]
 
 
 def group(runs: list[str]) -> dict:
-    """Runs whose arguments differ only by seed (and IGNORED) form one group: key -> list of (args, eval rows)."""
+    """Runs whose arguments differ only by seed (and IGNORED) form one group: key -> list of (args, eval.csv rows as
+    floats). A run with no evaluation yet is skipped; a partial last line (a run still writing) is left out."""
     groups = defaultdict(list)
     for run in runs:
-        loaded = load(run)
-        if loaded is None:
-            print(f"skipping {run}: no evaluation yet")
-            continue
-        groups[tuple(sorted((k, json.dumps(v)) for k, v in loaded[0].items() if k not in IGNORED))].append(loaded)
+        with open(os.path.join(run, "args.json")) as f:
+            args = json.load(f)
+        args = ADDED | args if args.get("algorithm") in ("shacpp", "shac+") else args
+        rows, path = [], os.path.join(run, "eval.csv")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if None not in row.values()]
+        if not rows:
+            print(f"skipping {run}: no evaluation yet", file=sys.stderr)
+        elif column(args) in SHOWN:
+            groups[tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in IGNORED))].append((args, rows))
     return groups
 
 
-def labels(groups: dict) -> dict:
-    """key -> label: the algorithm (and, for a learner, its architecture), then what sets the configuration apart from
-    the other configurations of that algorithm and architecture: its experiment names when they are its own, or
-    else the arguments that differ among them, as name=value. One configuration has one label in every panel."""
-    kinds = defaultdict(list)
+def cells(groups: dict) -> dict:
+    """(scenario, n_agents, column) -> {key: tag} of its groups, in the paper's order. A tag tells the configurations
+    of one cell apart: their experiment names or, where those coincide, the arguments that differ, as name=value."""
+    out = defaultdict(list)
     for key, seeds in groups.items():
-        args = seeds[0][0]
-        kinds[args["algorithm"] if args["algorithm"] in REFERENCES else f"{args['algorithm']} {args['arch']}"].append(key)
-    out = {}
-    for base, keys in kinds.items():
-        config = {key: tuple((k, v) for k, v in key if k not in PANEL) for key in keys}  # the panel aside
-        distinct = sorted(set(config.values()))
-        names = defaultdict(set)  # configuration -> its experiment names other than the default (the algorithm's)
-        for key in keys:
-            names[config[key]] |= {a.get("exp_name") for a, _ in groups[key]} - {None, groups[key][0][0]["algorithm"]}
-        owners = defaultdict(set)
-        for c, ns in names.items():
-            for n in ns:
-                owners[n].add(c)
-        as_dicts = [dict(c) for c in distinct]
-        differing = sorted({k for c in as_dicts for k in c if len({d.get(k) for d in as_dicts}) > 1})
-        shared = [k for k in differing if all(k in c for c in as_dicts)]  # an argument older runs lack says less
-        if len({tuple(c.get(k) for k in shared) for c in as_dicts}) == len(as_dicts):
-            differing = shared
-        for key in keys:
-            own = names[config[key]]
-            if len(distinct) == 1:
-                out[key] = base
-            elif own and all(len(owners[name]) == 1 for name in own):  # names of its own (one per scenario, say)
-                out[key] = f"{base} [{'/'.join(sorted(own))}]"
-            else:
-                c = dict(config[key])
-                out[key] = f"{base} (" + ", ".join(f"{k}={json.loads(c[k])}" for k in differing if k in c) + ")"
-    return out
+        out[(seeds[0][0]["scenario"], seeds[0][0]["n_agents"], column(seeds[0][0]))].append(key)
+    for cell, keys in out.items():
+        names = {k: "/".join(sorted({a.get("exp_name") or a["algorithm"] for a, _ in groups[k]})) for k in keys}
+        if len(set(names.values())) < len(keys):
+            configs = [dict(k) for k in keys]
+            differing = sorted({a for c in configs for a in c if len({d.get(a) for d in configs}) > 1})
+            names = {k: names[k] + " " + ",".join(f"{a}={json.loads(c[a])}" for a in differing if a in c)
+                     for k, c in zip(keys, configs)}
+        out[cell] = dict(sorted(names.items(), key=lambda kv: kv[1]))
+    rank = {s: i for i, s in enumerate(SCENARIOS)}  # an unknown scenario: after the paper's, by name
+    return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 4), *kv[0][:2], [*SHOWN].index(kv[0][2]))))
+
+
+def warnings(groups: dict) -> list[str]:
+    """One line per panel holding several configurations of one algorithm, implementation and architecture."""
+    same = defaultdict(list)
+    for (scenario, n, c), names in cells(groups).items():
+        for key, tag in names.items():
+            same[(scenario, n, SHOWN[c][0], groups[key][0][0].get("arch", "(reference)"))].append(tag)
+    return [f"warning: {s} with {n} agent{'s' * (n > 1)} holds {len(tags)} configurations of {name} {arch}, kept "
+            f"apart: {'; '.join(tags)}" for (s, n, name, arch), tags in same.items() if len(tags) > 1]
+
+
+def best(seeds) -> float:
+    """The best evaluation normalized return of each seed, mean over the seeds."""
+    return sum(max(r["normalized_return"] for r in rows) for _, rows in seeds) / len(seeds)
 
 
 def curve(seeds, x: str):
-    """Mean and standard deviation over the seeds at each evaluated episode. A seed that stopped early (its last
-    evaluation met the early-stop rule) keeps its last return afterwards; a seed still going counts only where it
-    got to. x is the mean of the chosen column over the seeds that really evaluated there."""
+    """Mean, min and max over seeds at each evaluated episode; a seed that early-stopped keeps its last return after,
+    one still going counts only where it got to. x: the mean over the seeds that evaluated there (time in minutes)."""
     by_episode, stopped = defaultdict(list), []
     for args, rows in seeds:
         for row in rows:
             by_episode[row["episode"]].append(row)
         if rows[-1]["solved_fraction"] >= args.get("stop_fraction", 0.9):
             stopped.append(rows[-1])
-    xs, means, stds = [], [], []
-    for episode in sorted(by_episode):
-        rows = by_episode[episode]
-        values = [r["normalized_return"] for r in rows] + [r["normalized_return"] for r in stopped
-                                                             if r["episode"] < episode]
-        mean = sum(values) / len(values)
-        xs.append(sum(r[COLUMN[x]] for r in rows) / len(rows))
-        means.append(mean)
-        stds.append(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)))
-    return xs, means, stds
+    points = []
+    for episode, rows in sorted(by_episode.items()):
+        values = [r["normalized_return"] for r in rows + [s for s in stopped if s["episode"] < episode]]
+        at = sum(r[XAXIS[x][0]] for r in rows) / len(rows) / (60 if x == "time" else 1)
+        points.append((at, sum(values) / len(values), min(values), max(values)))
+    return tuple(map(list, zip(*points)))  # xs, means, lows, highs
 
 
-def is_reference(seeds) -> bool:
-    return seeds[0][0]["algorithm"] in REFERENCES
+def entry(seeds, reference: bool) -> str:
+    """A table cell's text for one group: "0.730 (2 seeds, 21 min)", the minutes a range where the seeds differ."""
+    low, high = (f(round(rows[-1]["time"] / 60) for _, rows in seeds) for f in (min, max))
+    value = f"{round(best(seeds), 3) + 0.0:.3f}"  # + 0.0: no "-0.000"
+    span = f"{low}" if low == high else f"{low}–{high}"
+    return value if reference else f"{value} ({len(seeds)} seed{'s' * (len(seeds) > 1)}, {span} min)"
 
 
 def table(groups: dict) -> str:
-    """The paper's Table 1: best normalized return of each run, mean over seeds (their count in brackets), per
-    group x scenario x agents; the best learner of each row in bold. Reference controllers (one evaluation each)
-    follow the learners as their own columns, never bold."""
-    names, cells = labels(groups), {}
-    for key, seeds in groups.items():
-        best = [max(r["normalized_return"] for r in rows) for _, rows in seeds]
-        cells[(seeds[0][0]["scenario"], seeds[0][0]["n_agents"], names[key])] = (sum(best) / len(best), len(best))
-    references = {names[key] for key, seeds in groups.items() if is_reference(seeds)}
-    columns = sorted(set(names.values()), key=lambda c: (c in references, c))
-    lines = ["| scenario | agents | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for scenario, agents in sorted({key[:2] for key in cells}):
-        row = [cells.get((scenario, agents, c)) for c in columns]
-        top = max((cell[0] for c, cell in zip(columns, row) if cell and c not in references), default=None)
-        text = []
-        for cell in row:  # "mean (seeds)"; empty where that group did not run
-            value = "" if cell is None else f"{cell[0]:.3f}"
-            text.append("" if cell is None else (f"**{value}**" if cell[0] == top else value) + f" ({cell[1]})")
-        lines.append(f"| {scenario} | {agents} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
+    """Markdown: a row per (scenario, agents), a column per algorithm then per reference controller that has runs."""
+    by_cell = cells(groups)
+    columns = [c for c in SHOWN if any(cell[2] == c for cell in by_cell)]
+    lines = ["| scenario | agents | " + " | ".join(SHOWN[c][0] for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for scenario, n in dict.fromkeys(cell[:2] for cell in by_cell):
+        texts = [by_cell.get((scenario, n, c), {}) for c in columns]
+        texts = ["; ".join((f"{tag}: " if len(names) > 1 else "") + entry(groups[k], c in REFERENCES)
+                           for k, tag in names.items()) or "–" for c, names in zip(columns, texts)]
+        lines.append(f"| {scenario} | {n} | " + " | ".join(texts) + " |")
+    return "\n".join(lines + ["", CAPTION])
 
 
 def plot(groups: dict, x: str, out: str, pdf: bool):
-    """One panel per (scenario, agents): scenarios across, agent counts down; a line and a +-std band per group, a
-    dotted level per reference controller; one legend for the figure, below the panels."""
-    names = labels(groups)
-    variants = sorted({names[key] for key, seeds in groups.items() if not is_reference(seeds)
-                       and names[key] != f"{seeds[0][0]['algorithm']} {seeds[0][0]['arch']}"})
-    colour = dict(zip(variants, itertools.cycle(VARIANT_COLOURS)))  # a default configuration: its algorithm's
-    marker = dict(zip(variants, itertools.cycle(VARIANT_MARKERS)))
-    scenarios = sorted({seeds[0][0]["scenario"] for seeds in groups.values()})
-    counts = sorted({seeds[0][0]["n_agents"] for seeds in groups.values()})
-    fig, axes = plt.subplots(len(counts), len(scenarios), figsize=(4.2 * len(scenarios), 3.2 * len(counts)),
+    """Scenarios down, agent counts across; per group a mean line with a light min-max band over seeds, its colour
+    the algorithm, its style the architecture; a dotted level per reference controller; one legend below."""
+    by_cell = cells(groups)
+    scenarios, counts = list(dict.fromkeys(c[0] for c in by_cell)), sorted({c[1] for c in by_cell})
+    fig, axes = plt.subplots(len(scenarios), len(counts), figsize=(4.5 * len(counts), 3.2 * len(scenarios)),
                              squeeze=False)
-    legend = {}
-    for (row, agents), (col, scenario) in itertools.product(enumerate(counts), enumerate(scenarios)):
-        ax = axes[row][col]
-        members = [key for key, s in groups.items() if (s[0][0]["scenario"], s[0][0]["n_agents"]) == (scenario, agents)]
-        if not members:
-            ax.axis("off")
+    used = set()  # algorithms, references and architectures drawn: the legend's entries
+    for ax, (scenario, n) in zip(axes.flat, itertools.product(scenarios, counts)):
+        here, notes = [(c, names) for (s, m, c), names in by_cell.items() if (s, m) == (scenario, n)], []
+        if not here:
+            ax.axis("off")  # no run: a blank panel
             continue
-        for key in sorted(members, key=lambda k: names[k]):
-            seeds, args = groups[key], groups[key][0][0]
-            tag = f"{names[key]} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
-            if is_reference(seeds):  # one evaluation, no curve: a dotted level across the panel
-                level = sum(rows[-1]["normalized_return"] for _, rows in seeds) / len(seeds)
-                legend[f"{names[key]} (reference)"] = ax.axhline(level, linestyle=":", linewidth=1.5, label=(
-                    f"{names[key]} (reference)"), color=REFERENCES[args["algorithm"]])
-                continue
-            xs, means, stds = curve(seeds, x)
-            line, = ax.plot(xs, means, STYLES[args["arch"]], marker=marker.get(names[key], "."), markersize=4,
-                            linewidth=1.5, label=tag,
-                            color=colour.get(names[key], COLOURS.get(args["algorithm"])))
-            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-            legend.setdefault(tag, line)
-        ax.set(title=f"{scenario}, {agents} agent{'s' * (agents > 1)}", xlabel=LABEL[x], ylabel="normalized return")
-        low, high = ax.get_ylim()
-        ax.set_ylim(min(low, -0.02), max(high, 1.05))  # a level at 1 (solved) stays visible off the frame
+        for c, names in here:
+            label, colour = SHOWN[c]
+            for key, tag in names.items():
+                seeds, args = groups[key], groups[key][0][0]
+                used.update((c, args.get("arch")))
+                if c in REFERENCES:  # one evaluation, no curve: a dotted level across the panel
+                    ax.axhline(best(seeds), linestyle=":", linewidth=1.5, color=colour, label=label)
+                    continue
+                twins = [k for k in names if groups[k][0][0]["arch"] == args["arch"]]
+                xs, means, lows, highs = curve(seeds, x)
+                marker = MARKERS[twins.index(key) % len(MARKERS)] if len(twins) > 1 else "." if len(xs) < 2 else None
+                ax.plot(xs, means, STYLES.get(args["arch"], "-"), color=colour, linewidth=1.5, marker=marker,
+                        markersize=4, label=label + f" [{tag}]" * (len(twins) > 1))
+                ax.fill_between(xs, lows, highs, color=colour, alpha=0.12, linewidth=0)
+                notes += [(means[-1], xs[-1], tag, colour)] * (len(twins) > 1)
+        notes.sort()  # which configuration: its name at its curve's end, 0.07 apart at least, within the frame
+        ys = [y for y, *_ in notes]
+        for i in range(1, len(ys)):
+            ys[i] = max(ys[i], ys[i - 1] + 0.07)
+        for i in reversed(range(len(ys))):
+            ys[i] = min(ys[i], ys[i + 1] - 0.07 if i + 1 < len(ys) else 0.95)
+        for y, (_, end, tag, colour) in zip(ys, notes):
+            ax.text(end, y + 0.01, tag, ha="right" if end > sum(ax.get_xlim()) / 2 else "left", va="bottom",
+                    fontsize=6.5, color=colour, bbox=dict(facecolor="white", alpha=0.7, linewidth=0, pad=0.5))
+        ax.set(title=f"{scenario}, {n} agent{'s' * (n > 1)}", xlabel=XAXIS[x][1], ylabel="normalized return",
+               ylim=(min(ax.get_ylim()[0], -0.02), max(ax.get_ylim()[1], 1.05)))  # the solved level stays in view
         ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colour, linestyle=":" if c in REFERENCES else "-", label=name + " (reference)"
+                      * (c in REFERENCES)) for c, (name, colour) in SHOWN.items() if c in used]
+    handles += [Line2D([], [], color="black", linestyle=STYLES[a], label=a) for a in STYLES if a in used]
     fig.tight_layout()
-    fig.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8,
-               ncol=max(1, min(3, len(scenarios))), frameon=False)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=(len(handles) + 1) // 2,
+               frameon=False)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")  # the legend below the panels is kept
-    if pdf:
-        fig.savefig(os.path.splitext(out)[0] + ".pdf", bbox_inches="tight")
+    for path in [out] + [os.path.splitext(out)[0] + ".pdf"] * pdf:
+        fig.savefig(path, dpi=150, bbox_inches="tight")  # the legend below the panels is kept
+    return fig
 
 
 if __name__ == "__main__":
@@ -214,6 +208,8 @@ if __name__ == "__main__":
     groups = group(find_runs(args.paths))
     if not groups:
         sys.exit(f"error: found no run with an evaluation under {', '.join(args.paths)}")
+    for line in warnings(groups):
+        print(line, file=sys.stderr)
     plot(groups, args.x, args.out, args.pdf)
     print(table(groups))
     print(f"wrote {args.out}" + (f" and {os.path.splitext(args.out)[0]}.pdf" if args.pdf else ""))
