@@ -64,7 +64,7 @@ def test_authors_run_writes_a_run_folder_like_ours(tmp_path):
     plotted = subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), str(tmp_path / "runs"), "--out",
                               str(tmp_path / "plot.png")], capture_output=True, text=True, timeout=120, env=ENV)
     assert plotted.returncode == 0, plotted.stderr[-3000:]
-    assert "shacpp mlp" in plotted.stdout and (tmp_path / "plot.png").exists()
+    assert "SHAC++ (authors' code)" in plotted.stdout and (tmp_path / "plot.png").exists()
 
 
 @pytest.mark.parametrize("checkout, message", [
