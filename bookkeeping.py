@@ -158,10 +158,7 @@ def report_evaluation(checkpoint: str, metrics: dict, frames=None):
 
 class NonFiniteGuard:
     """`if guard.finite(loss, grad_norm): optimizer.step()` skips and counts an update that is not finite."""
-    limit = 10  # this many in a row end the run (Run.check_finite)
-
-    def __init__(self):
-        self.skipped = self.in_row = 0
+    limit, skipped, in_row = 10, 0, 0  # limit: this many in a row end the run (Run.check_finite)
 
     def finite(self, loss, grad_norm=0.0) -> bool:
         ok = bool(torch.isfinite(loss + grad_norm))
@@ -224,8 +221,8 @@ class Run:
             done, left = episode - self.episode, self.args.episodes - episode  # episodes of this session, to go
             last = self.last_eval
             evaluated = f"eval {last['normalized_return']:.3f} at {int(last['episode'])}" if last else "no eval yet"
-            print(f"episode {episode}/{self.args.episodes} | {duration(now - self.start)} elapsed, "
-                  f"~{duration((now - self.session_start) / done * left)} left | train return "
+            print(f"episode {episode}/{self.args.episodes} | {(now - self.start) / 60:.1f} min elapsed, "
+                  f"~{(now - self.session_start) / done * left / 60:.1f} min left | train return "
                   f"{row['train_return']:.3f} | {evaluated}", flush=True)
             self.last_print = now
 
@@ -261,9 +258,3 @@ class Run:
         print(f"{reason} at episode {episode} after {time.time() - self.start:.0f} s: {self.dir}", flush=True)
         if self.stop_signal:
             sys.exit(SIGNAL_EXIT + self.stop_signal.value)
-
-
-def duration(seconds: float) -> str:
-    """4h05m, 12m30s, 45s."""
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

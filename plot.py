@@ -29,7 +29,20 @@ XAXIS = {"steps": ("global_step", "environment steps"), "time": ("time", "wall-c
 # arguments that do not make two runs different learners: runs that differ only here form one group
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", "run_dir", "exp_name", "episodes",
            "eval_every", "torch_deterministic", "script", "git_commit", "torch", "vmas"}
-ADDED = {"dynamics": "model", "credit": "team"}  # shacpp.py arguments newer than some runs: what those runs did
+ADDED = {"dynamics": "model"}  # shacpp.py arguments newer than some runs: what those runs did
+# arguments the scripts no longer have, at values that do what the scripts do now (None: any value): dropped
+RETIRED = {"credit": "team", "world_tolerance": None, "reward_tolerance": None, "anneal_lr": False,
+           "anneal_episodes": None, "adam_eps": 1e-8, "orthogonal_init": False, "norm_obs": False}
+
+
+def current(args: dict) -> dict:
+    """A run's arguments in today's terms: retired ones dropped, the three model intervals as --model-every."""
+    args = {k: v for k, v in args.items() if k not in RETIRED or RETIRED[k] not in (None, v)}
+    every = {args[f"{m}_every"] for m in ("world", "reward", "value") if f"{m}_every" in args}
+    if len(every) == 1:  # one interval for the three models, as --model-every
+        args = {k: v for k, v in args.items() if not k.endswith(("world_every", "reward_every", "value_every"))}
+        args["model_every"] = every.pop()
+    return args
 CAPTION = ("Cell: best evaluation normalized_return, mean over seeds (seeds, wall-clock minutes); a reference "
            "controller: its one evaluation; several configurations: separated by ';', named by exp_name; –: no run.")
 
@@ -67,7 +80,7 @@ def group(runs: list[str]) -> dict:
     for run in runs:
         with open(os.path.join(run, "args.json")) as f:
             args = json.load(f)
-        args = ADDED | args if args.get("algorithm") in ("shacpp", "shac+") else args
+        args = current(ADDED | args if args.get("algorithm") in ("shacpp", "shac+") else args)
         rows, path = [], os.path.join(run, "eval.csv")
         if os.path.exists(path):
             with open(path) as f:

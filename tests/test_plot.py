@@ -167,13 +167,19 @@ def test_experiment_names_tell_configurations_apart_and_are_warned_about(tmp_pat
     assert out.stdout.splitlines()[2] == "| transport | 1 | fast: 0.500 (1 seed, 1 min); paper: 0.500 (1 seed, 1 min) |"
 
 
-def test_runs_older_than_an_argument_join_their_configuration(tmp_path):
-    """A SHAC++ run made before --credit existed ran with what is now --credit team: one configuration."""
+def test_runs_of_earlier_arguments_join_their_configuration(tmp_path):
+    """Runs made with arguments the script no longer has join today's configuration when those arguments did what
+    the script does now (--credit team; one model interval as --model-every; tolerances), and stay apart otherwise."""
     runs = tmp_path / "runs"
-    fake_run(runs, "shacpp", "dispersion", 1, [0.5])
-    fake_run(runs, "shacpp", "dispersion", 2, [0.7], credit="team")
-    fake_run(runs, "shacpp", "dispersion", 3, [0.9], credit="agent")
-    assert sorted(len(seeds) for seeds in groups_of(runs).values()) == [1, 2]
+    fake_run(runs, "shacpp", "dispersion", 1, [0.5], model_every=10)
+    fake_run(runs, "shacpp", "dispersion", 2, [0.7], credit="team", world_every=10, reward_every=10, value_every=10,
+             world_tolerance=0.05)
+    fake_run(runs, "shacpp", "dispersion", 3, [0.9], credit="own", model_every=10)
+    fake_run(runs, "shacpp", "dispersion", 4, [0.9], world_every=1, reward_every=10, value_every=10)
+    fake_run(runs, "ppo", "dispersion", 5, [0.9], orthogonal_init=False, adam_eps=1e-8)
+    fake_run(runs, "ppo", "dispersion", 6, [0.9])
+    fake_run(runs, "ppo", "dispersion", 7, [0.9], orthogonal_init=True)
+    assert sorted(len(seeds) for seeds in groups_of(runs).values()) == [1, 1, 1, 2, 2]
 
 
 def test_legend_has_an_entry_per_algorithm_reference_and_architecture(tmp_path):
