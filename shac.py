@@ -208,19 +208,20 @@ class MLP(nn.Module):
 class Transformer(nn.Module):
     """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
+        self.norm = nn.LayerNorm(d_model) if norm else nn.Identity()  # norm: a LayerNorm after the embedding
         self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = self.encoder(self.embed(x.flatten(0, -3)))
+        h = self.encoder(self.norm(self.embed(x.flatten(0, -3))))
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
-    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False) -> nn.Module:
+    return MLP(n_agents, in_dim, out_dim) if arch == "mlp" else Transformer(n_agents, in_dim, out_dim, norm=norm)
 
 
 @torch.no_grad()

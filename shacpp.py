@@ -109,13 +109,18 @@ class Args:
     components only (the authors' code)"""
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
+    embed_norm: bool = False
+    """a LayerNorm after the input embedding of the transformer policy, value and reward networks (the authors' code)"""
+    reward_input: Literal["sas", "sa"] = "sas"
+    """the transformer reward model's input: R(s, a, s'), or R(s, a) (the authors' code)"""
     cache_range: Literal["all-time", "recent"] = "all-time"
     """the key range the bins span: every key ever added, or the trimmed range of the last capacity keys"""
     cache_sampling: Literal["uniform", "bins"] = "uniform"
     """uniform: every stored item equally likely; bins: a filled bin uniformly, then one of its items"""
 
     # what a checkpoint must share with the run that loads it (bookkeeping.py)
-    STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps")
+    STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps", "embed_norm",
+                         "reward_input")
 
 
 def parse_args() -> Args:
@@ -241,19 +246,20 @@ class MLP(nn.Module):
 class Transformer(nn.Module):
     """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
+        self.norm = nn.LayerNorm(d_model) if norm else nn.Identity()  # norm: a LayerNorm after the embedding
         self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = self.encoder(self.embed(x.flatten(0, -3)))
+        h = self.encoder(self.norm(self.embed(x.flatten(0, -3))))
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int) -> nn.Module:
-    return (MLP if arch == "mlp" else Transformer)(n_agents, in_dim, out_dim)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False) -> nn.Module:
+    return MLP(n_agents, in_dim, out_dim) if arch == "mlp" else Transformer(n_agents, in_dim, out_dim, norm=norm)
 
 
 @torch.no_grad()
@@ -309,14 +315,16 @@ class WorldModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s']."""
+    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s'], or [s, a]
+    (sa: s' is then not an input, and the action reaches r^ directly, as in the authors' transformer)."""
 
-    def __init__(self, arch: str, n_agents: int, obs_dim: int):
+    def __init__(self, arch: str, n_agents: int, obs_dim: int, sa: bool = False, norm: bool = False):
         super().__init__()
-        self.net = make_network(arch, n_agents, 2 * obs_dim + 2, 1)
+        self.sa = sa
+        self.net = make_network(arch, n_agents, (1 if sa else 2) * obs_dim + 2, 1, norm)
 
     def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs)
-        return self.net(torch.cat([obs, action, next_obs], -1)).squeeze(-1)
+        return self.net(torch.cat([obs, action] if self.sa else [obs, action, next_obs], -1)).squeeze(-1)
 
 
 class BinnedCache:
@@ -475,9 +483,10 @@ if __name__ == "__main__":
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
     # Algorithm 1, lines 1-4: the policy, value, reward and world networks, and their optimisers
-    policy = make_network(args.arch, n, obs_dim, 2).to(device)  # the Gaussian's mean (no tanh: the penalty bounds it)
-    value_model = make_network(args.arch, n, obs_dim, 1).to(device)  # V(s) per agent
-    reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R(s, a, s') per agent
+    policy = make_network(args.arch, n, obs_dim, 2, args.embed_norm).to(device)  # the Gaussian's mean (no tanh)
+    value_model = make_network(args.arch, n, obs_dim, 1, args.embed_norm).to(device)  # V(s) per agent
+    reward_model = RewardModel(args.arch, n, obs_dim, args.arch == "transformer" and args.reward_input == "sa",
+                               args.embed_norm).to(device)  # R(s, a, s') per agent
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     value_opt = torch.optim.Adam(value_model.parameters(), lr=args.learning_rate, fused=True)
     reward_opt = torch.optim.Adam(reward_model.parameters(), lr=args.learning_rate, fused=True)
