@@ -58,8 +58,7 @@ class Args:
     capture_video: bool = False
     """at every evaluation, render evaluation environment 0 to a GIF"""
     checkpoint: str = ""
-    """resume from this checkpoint (or a run folder's last.pt) with its run's arguments except those given; with
-    --episodes 0, only evaluate it"""
+    """resume this checkpoint (or a run folder's last.pt) with its run's arguments; with --episodes 0, evaluate it"""
     run_dir: str = ""
     """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 

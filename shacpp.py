@@ -2,7 +2,7 @@
 # The paper's Algorithm 1 in this file (docs/shacpp.md explains every argument and logged column):
 #   lines 1-4    networks pi, V, R, F and their optimisers     -> the loop's set-up: WorldModel, RewardModel
 #   line 6       rollout s, a, r ~ E(pi)                       -> "# ---- rollout"
-#   lines 7-9    s^ = F(s_0, a), r^ = R(s^, a, s^'), v^ = V(s^) -> imagine()
+#   lines 7-9    s^ = F(s_0, a), r^ = R(s^, a), v^ = V(s^)      -> imagine()
 #   line 10      policy step on L'_pi (section 3)              -> "# ---- policy step": policy_loss()
 #   lines 11-13  value, reward and world model steps           -> "# ---- cool-down", each from its BinnedCache
 #   early stop   90% of eval envs at 90% of their best return  -> "# ---- evaluation"
@@ -63,8 +63,7 @@ class Args:
     capture_video: bool = False
     """at every evaluation, render evaluation environment 0 to a GIF"""
     checkpoint: str = ""
-    """resume from this checkpoint (or a run folder's last.pt) with its run's arguments except those given; with
-    --episodes 0, only evaluate it"""
+    """resume this checkpoint (or a run folder's last.pt) with its run's arguments; with --episodes 0, evaluate it"""
     run_dir: str = ""
     """the run folder (default: runs/<scenario>__<n_agents>__<arch>__<exp_name>__<seed>__<unix time>)"""
 
@@ -104,23 +103,17 @@ class Args:
     dynamics: Literal["model", "simulator"] = "model"
     """model: SHAC++; simulator: SHAC+, gradients through VMAS's differentiable physics, no world model"""
     penalty: Literal["mean", "sample", "authors"] = "mean"
-    """not in the paper: the penalty on the policy mean, the clamped samples into the models; sample: the paper's
-    equation, on the samples, which the models see unclamped; authors: as mean, averaged over the violating
-    components only (the authors' code)"""
+    """mean (not in the paper): on the policy mean, the models see clamped samples; sample: the paper's, on the
+    samples, seen unclamped; authors: as mean, averaged over the violating components only (the authors' code)"""
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
-    embed_norm: bool = False
-    """a LayerNorm after the input embedding of the transformer policy, value and reward networks (the authors' code)"""
-    reward_input: Literal["sas", "sa"] = "sas"
-    """the transformer reward model's input: R(s, a, s'), or R(s, a) (the authors' code)"""
     cache_range: Literal["all-time", "recent"] = "all-time"
     """the key range the bins span: every key ever added, or the trimmed range of the last capacity keys"""
     cache_sampling: Literal["uniform", "bins"] = "uniform"
     """uniform: every stored item equally likely; bins: a filled bin uniformly, then one of its items"""
 
     # what a checkpoint must share with the run that loads it (bookkeeping.py)
-    STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps", "embed_norm",
-                         "reward_input")
+    STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps")
 
 
 def parse_args() -> Args:
@@ -315,13 +308,13 @@ class WorldModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """R(s, a, s') per agent (paper section 3): the chosen architecture over each agent's [s, a, s'], or [s, a]
-    (sa: s' is then not an input, and the action reaches r^ directly, as in the authors' transformer)."""
+    """r^ per agent. The transformer: R(s, a), the paper's section 3 (and the authors' code), so the action reaches r^
+    directly; the MLP: R(s, a, s'), as the authors' MLP."""
 
-    def __init__(self, arch: str, n_agents: int, obs_dim: int, sa: bool = False, norm: bool = False):
+    def __init__(self, arch: str, n_agents: int, obs_dim: int):
         super().__init__()
-        self.sa = sa
-        self.net = make_network(arch, n_agents, (1 if sa else 2) * obs_dim + 2, 1, norm)
+        self.sa = arch == "transformer"
+        self.net = make_network(arch, n_agents, (1 if self.sa else 2) * obs_dim + 2, 1, norm=True)
 
     def forward(self, obs, action, next_obs):  # (..., agents, obs), (..., agents, 2), (..., agents, obs)
         return self.net(torch.cat([obs, action] if self.sa else [obs, action, next_obs], -1)).squeeze(-1)
@@ -421,7 +414,7 @@ def action_penalty(mean, low: float = -1.0, high: float = 1.0):
 
 
 def imagine(world_model, reward_model, value_model, obs, actions):
-    """Algorithm 1, lines 7-9: s^_1..s^_T = F(s_0, a_0..a_{T-1}) with s^_0 = s_0, r^_t = R(s^_t, a_t, s^_{t+1}),
+    """Algorithm 1, lines 7-9: s^_1..s^_T = F(s_0, a_0..a_{T-1}) with s^_0 = s_0, r^_t = R(s^_t, a_t[, s^_{t+1}]),
     v^ = V(s^_T). obs (T + 1, N, n, o), actions (T, N, n, 2). SHAC+ (world_model None): obs is the simulator's own
     differentiable trajectory, used as s^."""
     if world_model is not None:
@@ -483,10 +476,10 @@ if __name__ == "__main__":
     n, T, N = args.n_agents, args.num_steps, args.num_envs
 
     # Algorithm 1, lines 1-4: the policy, value, reward and world networks, and their optimisers
-    policy = make_network(args.arch, n, obs_dim, 2, args.embed_norm).to(device)  # the Gaussian's mean (no tanh)
-    value_model = make_network(args.arch, n, obs_dim, 1, args.embed_norm).to(device)  # V(s) per agent
-    reward_model = RewardModel(args.arch, n, obs_dim, args.arch == "transformer" and args.reward_input == "sa",
-                               args.embed_norm).to(device)  # R(s, a, s') per agent
+    # transformers with a LayerNorm after the input embedding (norm=True), as the authors' code
+    policy = make_network(args.arch, n, obs_dim, 2, norm=True).to(device)  # the Gaussian's mean (no tanh)
+    value_model = make_network(args.arch, n, obs_dim, 1, norm=True).to(device)  # V(s) per agent
+    reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R per agent
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     value_opt = torch.optim.Adam(value_model.parameters(), lr=args.learning_rate, fused=True)
     reward_opt = torch.optim.Adam(reward_model.parameters(), lr=args.learning_rate, fused=True)
@@ -579,7 +572,7 @@ if __name__ == "__main__":
                 value_loss.backward()
                 if run.guard.finite(value_loss):
                     value_opt.step()
-            for batch in minibatches(reward_cache, args, run):  # L_R: R(s, a, s') against the simulator's reward
+            for batch in minibatches(reward_cache, args, run):  # L_R: R against the simulator's reward
                 reward_loss = ((reward_model(batch["obs"], batch["actions"], batch["next_obs"]) - batch["rewards"])
                                ** 2).mean()
                 reward_opt.zero_grad(set_to_none=True)
