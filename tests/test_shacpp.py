@@ -359,3 +359,28 @@ def test_binned_cache_all_time_range_and_uniform_sampling():
     assert stored == 2 + cache.per_bin  # [0, 1) is bin 2 of [-2, 7]: its newest 100
     share = (cache.sample(20000)["x"] == 1).float().mean().item()
     assert share == pytest.approx(2 / stored, abs=0.005)  # uniform over the stored items
+
+
+def test_reward_model_inputs_and_transformer_layernorm():
+    """The transformer reward model is R(s, a) (the paper's L_R, the authors' transformer): s' does not change it, the
+    action does; the MLP's is R(s, a, s'). SHAC++'s transformers normalise the embedding (a LayerNorm after it)."""
+    torch.manual_seed(0)
+    obs, action, next_obs = torch.randn(5, 3, 7), torch.randn(5, 3, 2), torch.randn(5, 3, 7)
+    transformer, mlp = shacpp.RewardModel("transformer", 3, 7), shacpp.RewardModel("mlp", 3, 7)
+    torch.testing.assert_close(transformer(obs, action, next_obs), transformer(obs, action, next_obs + 1.0))
+    assert (transformer(obs, action + 1.0, next_obs) - transformer(obs, action, next_obs)).abs().max() > 1e-4
+    assert (mlp(obs, action, next_obs + 1.0) - mlp(obs, action, next_obs)).abs().max() > 1e-4
+    assert isinstance(transformer.net.norm, torch.nn.LayerNorm)
+    assert isinstance(shacpp.make_network("transformer", 3, 7, 2).norm, torch.nn.Identity)  # ppo.py's and shac.py's
+
+
+def test_the_script_builds_normalised_transformers(tmp_path):
+    """shacpp.py's policy, value and reward transformers carry the LayerNorm (their checkpoints hold its weights)."""
+    from test_smoke import TINY, run_script
+    out = run_script("shacpp.py", ["--scenario", "dispersion", "--n-agents", "2", "--arch", "transformer", *TINY,
+                                   "--model-minibatch", "16", "--world-cache", "50", "--reward-cache", "90",
+                                   "--value-cache", "90", "--run-dir", "run"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert "norm.weight" in state["policy"] and "norm.weight" in state["value_model"]
+    assert "net.norm.weight" in state["reward_model"]
