@@ -32,7 +32,8 @@ IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", 
 ADDED = {"dynamics": "model"}  # shacpp.py arguments newer than some runs: what those runs did
 # arguments the scripts no longer have, at values that do what the scripts do now (None: any value): dropped
 RETIRED = {"credit": "team", "world_tolerance": None, "reward_tolerance": None, "anneal_lr": False,
-           "anneal_episodes": None, "adam_eps": 1e-8, "orthogonal_init": False, "norm_obs": False}
+           "anneal_episodes": None, "adam_eps": 1e-8, "orthogonal_init": False, "norm_obs": False,
+           "embed_norm": True, "reward_input": "sa"}
 
 
 def current(args: dict) -> dict:
