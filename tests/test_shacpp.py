@@ -384,3 +384,17 @@ def test_the_script_builds_normalised_transformers(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert "norm.weight" in state["policy"] and "norm.weight" in state["value_model"]
     assert "net.norm.weight" in state["reward_model"]
+
+
+def test_the_loop_steps_the_policy(tmp_path):
+    """The loop's policy update reaches optimizer.step(): after one episode Adam's first step has moved the policy's
+    parameters by about the learning rate (1e-3) from where a run with a negligible rate leaves them."""
+    from test_smoke import TINY, run_script
+    policies = []
+    for name, lr in (("stepped", "1e-3"), ("still", "1e-12")):
+        out = run_script("shacpp.py", ["--scenario", "dispersion", "--n-agents", "1", *TINY, "--episodes", "1",
+                                       "--learning-rate", lr, "--model-every", "1000", "--run-dir", name], tmp_path)
+        assert out.returncode == 0, out.stderr
+        policies.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["policy"])
+    moved = max((policies[0][k] - policies[1][k]).abs().max().item() for k in policies[0])
+    assert 5e-4 < moved < 2e-3, moved
