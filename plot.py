@@ -33,7 +33,7 @@ ADDED = {"dynamics": "model"}  # shacpp.py arguments newer than some runs: what 
 # arguments the scripts no longer have, at values that do what the scripts do now (None: any value): dropped
 RETIRED = {"credit": "team", "world_tolerance": None, "reward_tolerance": None, "anneal_lr": False,
            "anneal_episodes": None, "adam_eps": 1e-8, "orthogonal_init": False, "norm_obs": False,
-           "embed_norm": True, "reward_input": "sa"}
+           "embed_norm": True, "reward_input": "sa", "cache_range": "all-time", "cache_sampling": "uniform"}
 
 
 def current(args: dict) -> dict:

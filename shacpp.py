@@ -19,11 +19,9 @@ import torch
 import torch.nn as nn
 import tyro
 import vmas
-from vmas.simulator.utils import LINE_MIN_DIST
-from vmas.scenarios.dispersion import Scenario as VmasDispersion
-from vmas.scenarios.sampling import Scenario as VmasSampling
 
 from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
+from scenarios import Dispersion, Sampling, max_return
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
 
@@ -102,15 +100,11 @@ class Args:
     # the ablation, and departures from the paper (docs/shacpp.md says why each default is what it is)
     dynamics: Literal["model", "simulator"] = "model"
     """model: SHAC++; simulator: SHAC+, gradients through VMAS's differentiable physics, no world model"""
-    penalty: Literal["mean", "sample", "authors"] = "mean"
+    penalty: Literal["mean", "sample"] = "mean"
     """mean (not in the paper): on the policy mean, the models see clamped samples; sample: the paper's, on the
-    samples, seen unclamped; authors: as mean, averaged over the violating components only (the authors' code)"""
+    samples, seen unclamped"""
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
-    cache_range: Literal["all-time", "recent"] = "all-time"
-    """the key range the bins span: every key ever added, or the trimmed range of the last capacity keys"""
-    cache_sampling: Literal["uniform", "bins"] = "uniform"
-    """uniform: every stored item equally likely; bins: a filled bin uniformly, then one of its items"""
 
     # what a checkpoint must share with the run that loads it (bookkeeping.py)
     STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps")
@@ -136,35 +130,6 @@ def parse_args() -> Args:
 
 
 # ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
-class Dispersion(VmasDispersion):
-    """VMAS dispersion with the agents evenly spaced on a circle of radius 0.05 (the paper's change:
-    stock VMAS starts every agent at the origin, which gives them identical observations)."""
-
-    def reset_world_at(self, env_index=None):
-        super().reset_world_at(env_index)
-        n = len(self.world.agents)
-        for i, agent in enumerate(self.world.agents):
-            angle = 2 * math.pi * i / n
-            pos = torch.tensor([0.05 * math.cos(angle), 0.05 * math.sin(angle)], device=self.world.device)
-            agent.set_pos(pos, batch_index=env_index)
-
-
-class Sampling(VmasSampling):
-    """VMAS sampling, with the normalisation of a full reset (the largest density of the Gaussian mixture on the
-    grid) computed at once instead of in a Python loop over the grid's 1,600 points: about 2.5 s per reset less."""
-
-    def nomrlize_pdf(self, env_index=None):  # VMAS's name
-        if env_index is not None:  # one environment: VMAS already does it at once
-            return super().nomrlize_pdf(env_index)
-        x = torch.arange(-self.xdim, self.xdim, self.grid_spacing, device=self.world.device)
-        y = torch.arange(-self.ydim, self.ydim, self.grid_spacing, device=self.world.device)
-        x, y = x.clamp(-self.world.x_semidim, self.world.x_semidim), y.clamp(-self.world.y_semidim,
-                                                                             self.world.y_semidim)
-        grid = torch.stack(torch.meshgrid(x, y, indexing="ij"), -1).reshape(-1, 1, 2)  # (points, 1, 2), as VMAS clamps
-        density = sum(gaussian.log_prob(grid).exp() for gaussian in self.gaussians)  # (points, envs)
-        self.max_pdf = torch.maximum(self.max_pdf, density.amax(0))
-
-
 def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, grad_enabled: bool = False):
     kwargs = {
         "dispersion": dict(n_food=n_agents),
@@ -178,33 +143,6 @@ def make_env(scenario: str, n_agents: int, num_envs: int, device, seed: int, gra
     )
     env.scenario_name = scenario
     return env
-
-
-def max_return(env) -> torch.Tensor:
-    """Best team return of each environment (or an upper bound on it), right after a reset (docs/scenarios.md)."""
-    s, n = env.scenario, env.n_agents
-    if env.scenario_name == "dispersion":  # each food pays 1 in total, shared among the agents on it
-        return torch.full((env.num_envs,), float(n), device=env.device)
-    if env.scenario_name == "transport":  # 100 x progress to every agent, paid until the package first overlaps the
-        # goal: at best from d0 down to goal radius + package half-width + VMAS's LINE_MIN_DIST (a face-on push)
-        gap = torch.linalg.vector_norm(s.packages[0].state.pos - s.packages[0].goal.state.pos, dim=-1)
-        reach = s.packages[0].goal.shape.radius + s.package_width / 2 + LINE_MIN_DIST
-        return s.shaping_factor * n * (gap - reach).clamp(min=0)
-    if env.scenario_name == "discovery":  # a covered target pays 1 to every agent in range (all n at best), once
-        return torch.full((env.num_envs,), float(s.n_targets * n), device=env.device)
-    # sampling: a cell pays the normalised density where it is first visited, to every agent (shared reward).
-    # Upper bound on a cell's best density: the largest, over 4 x 4 sub-cells, of the sum over the (isotropic)
-    # Gaussians of each one's maximum on the sub-cell, at the sub-cell point nearest its mean (docs/scenarios.md)
-    sub, h = 4, s.grid_spacing
-    factors = []  # per axis: each Gaussian's largest factor exp(-d^2 / 2 var) on each sub-cell, (envs, sub-cells, G)
-    for k, (d, b) in enumerate(((s.xdim, s.world.x_semidim), (s.ydim, s.world.y_semidim))):  # VMAS clamps to b
-        low = torch.arange(-d, d, h / sub, device=env.device)
-        mean = torch.stack([g.loc[:, k:k + 1] for g in s.gaussians], -1)  # (envs, 1, G)
-        var = torch.stack([g.covariance_matrix[:, k:k + 1, k] for g in s.gaussians], -1)
-        nearest = mean.clamp(low.clamp(-b, b)[:, None], (low + h / sub).clamp(-b, b)[:, None])
-        factors.append(torch.exp(-(mean - nearest) ** 2 / (2 * var)) / (2 * math.pi * var).sqrt())
-    peak = factors[0] @ factors[1].transpose(1, 2)  # (envs, x sub-cells, y sub-cells): sum over the Gaussians
-    return n * peak.unflatten(1, (-1, sub)).unflatten(3, (-1, sub)).amax((2, 4)).sum((1, 2)) / s.max_pdf
 
 
 def reset(env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,21 +259,17 @@ class RewardModel(nn.Module):
 
 
 class BinnedCache:
-    """Replay cache split into `bins` bins over the range of its keys (paper section 3), so that rare keys (a
-    rewarding transition among thousands of zero-reward ones) keep a bin of their own. Each bin holds the newest
-    capacity // bins items whose key falls in it under the current range: bins are recomputed at every add.
-    all_time: the range of every key added; otherwise that of the last `capacity` keys less the capacity // 1000 + 1
-    most extreme on each side (one outlier cannot squeeze the rest into one bin). uniform: batches uniform over the
-    stored items; otherwise a filled bin uniformly, then one of its items. A non-finite key is refused."""
+    """Replay cache split into `bins` bins over the range of every key it has been given (paper section 3), so that
+    rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own. Each bin holds the
+    newest capacity // bins items whose key falls in it under the current range (bins are recomputed at every add);
+    batches are uniform over the stored items, so the binning decides what is kept. A non-finite key is refused."""
 
-    def __init__(self, capacity: int, bins: int, device, all_time: bool = False, uniform: bool = False):
-        self.all_time, self.uniform = all_time, uniform
+    def __init__(self, capacity: int, bins: int, device):
         self.bins, self.per_bin, self.device = bins, capacity // bins, device
-        self.capacity, self.trim = bins * self.per_bin, capacity // 1000 + 1
+        self.capacity = bins * self.per_bin
         self.data = {}  # name -> (capacity, ...) tensor, allocated by the first add
         self.key = torch.zeros(self.capacity, device=device)  # key of each slot
         self.stamp = torch.full((self.capacity,), -1, dtype=torch.long, device=device)  # arrival order, -1: empty
-        self.recent = torch.full((self.capacity,), math.nan, device=device)  # ring of the recent keys
         self.added = 0
         self.low = self.high = torch.tensor(0.0, device=device)
 
@@ -349,16 +283,9 @@ class BinnedCache:
     def add(self, key, **items):
         if not bool(torch.isfinite(key).all()):
             raise ValueError("BinnedCache: refusing a non-finite key (a NaN or infinite reward or value target)")
-        m = key.shape[0]
-        self.recent[(self.added + torch.arange(m, device=self.device)) % self.capacity] = key
-        if self.all_time:
-            first = self.added == 0
-            self.low = key.min() if first else torch.minimum(self.low, key.min())
-            self.high = key.max() if first else torch.maximum(self.high, key.max())
-        else:
-            recent = self.recent[~self.recent.isnan()]
-            k = min(self.trim, (recent.numel() - 1) // 2)  # leave out the k most extreme keys on each side
-            self.low, self.high = -(-recent).topk(k + 1).values[-1], recent.topk(k + 1).values[-1]
+        m, first = key.shape[0], self.added == 0
+        self.low = key.min() if first else torch.minimum(self.low, key.min())
+        self.high = key.max() if first else torch.maximum(self.high, key.max())
         # per bin, keep the newest per_bin of the stored and the new items (a newer item has a larger stamp)
         stamp = torch.cat([self.stamp, self.added + torch.arange(m, device=self.device)])
         b = torch.cat([self.bin_of(self.key), self.bin_of(key)]).masked_fill(stamp < 0, self.bins)  # empty: no bin
@@ -383,17 +310,7 @@ class BinnedCache:
 
     def sample(self, batch_size: int) -> dict:
         stored = (self.stamp >= 0).nonzero().squeeze(1)
-        if self.uniform:
-            slot = stored[torch.randint(len(stored), (batch_size,), device=self.device)]
-            return {name: value[slot] for name, value in self.data.items()}
-        b = self.bin_of(self.key[stored])
-        order = b.argsort()
-        stored, b = stored[order], b[order]  # grouped by bin
-        filled, count = b.unique_consecutive(return_counts=True)
-        start = count.cumsum(0) - count
-        pick = torch.randint(len(filled), (batch_size,), device=self.device)
-        offset = (torch.rand(batch_size, device=self.device) * count[pick]).long().clamp(max=count[pick] - 1)
-        slot = stored[start[pick] + offset]
+        slot = stored[torch.randint(len(stored), (batch_size,), device=self.device)]
         return {name: value[slot] for name, value in self.data.items()}
 
 
@@ -434,11 +351,7 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
-    if args.penalty == "authors":  # the mean over the violating components only, each bound apart
-        penalty = sum(((penalized[side] - bound) ** 2).mean().nan_to_num() for side, bound in
-                      ((penalized < -1.0, -1.0), (penalized > 1.0, 1.0)))
-    else:  # the mean over all components of live steps
-        penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)
+    penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # over live steps
     loss = -window_return + args.alpha * penalty
     return loss, dict(window_return=window_return.detach(), penalty=penalty.detach())
 
@@ -483,16 +396,15 @@ if __name__ == "__main__":
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     value_opt = torch.optim.Adam(value_model.parameters(), lr=args.learning_rate, fused=True)
     reward_opt = torch.optim.Adam(reward_model.parameters(), lr=args.learning_rate, fused=True)
-    cache_options = dict(all_time=args.cache_range == "all-time", uniform=args.cache_sampling == "uniform")
-    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device, **cache_options)
-    value_cache = BinnedCache(args.value_cache, args.value_bins, device, **cache_options)
+    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
+    value_cache = BinnedCache(args.value_cache, args.value_bins, device)
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
     if not shac_plus:
         world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
-        world_cache = BinnedCache(args.world_cache, args.world_bins, device, **cache_options)
+        world_cache = BinnedCache(args.world_cache, args.world_bins, device)
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)

@@ -276,7 +276,7 @@ def blocks(path):
 
 
 def test_shared_blocks_identical():
-    """Environment factory, max_return, networks, evaluation and parsing are copies: diff shows only the algorithm."""
+    """Environment factory, networks, evaluation and parsing are copies: diff shows only the algorithm."""
     assert blocks("ppo.py") == blocks("shacpp.py") == blocks("shac.py")
 
 

@@ -11,7 +11,8 @@ from vmas.simulator.utils import LINE_MIN_DIST
 
 import reference
 import shacpp
-from ppo import make_env, max_return, reset, step  # identical in the three training scripts
+from ppo import make_env, reset, step  # identical in the three training scripts
+from scenarios import max_return
 from test_smoke import run_script
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root

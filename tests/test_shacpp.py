@@ -97,49 +97,31 @@ def test_binned_cache_keeps_rare_items():
     for _ in range(10):
         cache.add(torch.zeros(1000), x=torch.zeros(1000, 2))
     cache.add(torch.full((10,), 5.0), x=torch.ones(10, 2))
-    batch = cache.sample(1000)["x"]
-    assert batch.shape == (1000, 2)
-    assert (batch == 1).all(1).float().mean() >= 0.4  # the 10 rare items survive 10,000 common ones: half of a batch
-    assert len(cache) == 1200 + 10  # the zero bin holds only its capacity
+    assert len(cache) == 1200 + 10  # the zero bin holds only its capacity; the 10 rare items have a bin of their own
+    batch = cache.sample(20000)["x"]
+    assert batch.shape == (20000, 2)
+    assert (batch == 1).all(1).float().mean() == pytest.approx(10 / 1210, abs=0.003)  # uniform over the stored items
 
 
-def rare_share(cache, n=20000):
-    """The share of the rare items (x == 1) in a large batch, and one bin's share of the filled bins."""
-    filled = cache.bin_of(stored_keys(cache)).unique().numel()
-    return (cache.sample(n)["x"] == 1).float().mean().item(), 1 / filled
-
-
-@pytest.mark.parametrize("all_time", [False, True])
 @pytest.mark.parametrize("rare_key", [1.0, -1.0])
-def test_binned_cache_rare_keys_that_came_first_keep_their_share(rare_key, all_time):
+def test_binned_cache_rare_keys_that_came_first_are_kept(rare_key):
     """The start of a sparse-reward run: a few rewarding items, then many times the capacity of zero keys. The rare
-    items keep a bin of their own and a bin's share of every batch: after the zeros, after the range widens, and
-    after a refused NaN key."""
+    items keep a bin of their own, so they stay in the cache and in its batches: after the zeros, after the range
+    widens, and after a refused NaN key."""
     torch.manual_seed(0)
-    cache = shacpp.BinnedCache(900, 9, "cpu", all_time=all_time)  # 100 per bin, trim 1
+    cache = shacpp.BinnedCache(900, 9, "cpu")  # 100 per bin
     cache.add(torch.full((10,), rare_key), x=torch.ones(10))
-    for _ in range(20):  # 20 x the capacity of zeros: the recent keys are all 0 and the range collapses onto 0
+    for _ in range(20):  # 20 x the capacity of zeros
         cache.add(torch.zeros(900), x=torch.zeros(900))
-    assert (stored_keys(cache) == rare_key).sum() == 10
-    share, one_bin = rare_share(cache)
-    assert share >= 0.9 * one_bin and one_bin == 0.5, (share, one_bin)
+    assert (stored_keys(cache) == rare_key).sum() == 10 and len(cache) == 110
+    assert (cache.sample(20000)["x"] == 1).float().mean() == pytest.approx(10 / 110, abs=0.01)
     cache.add(torch.full((30,), 5.0 * rare_key), x=torch.full((30,), 5.0))  # the range widens to [0, 5]
-    share, one_bin = rare_share(cache)
-    assert share >= 0.9 * one_bin and one_bin == 1 / 3, (share, one_bin)
+    for _ in range(5):
+        cache.add(torch.zeros(900), x=torch.zeros(900))
+    assert (stored_keys(cache) == rare_key).sum() == 10 and (stored_keys(cache) == 5.0 * rare_key).sum() == 30
     with pytest.raises(ValueError):
         cache.add(torch.tensor([math.nan, 1.0]), x=torch.zeros(2))
-    assert rare_share(cache)[0] >= 0.9 / 3
-
-
-def test_binned_cache_rare_keys_fewer_than_the_trim_keep_their_share():
-    """Fewer rewarding keys in the recent window than the trim (31 at capacity 30,000): the trimmed range is all
-    zeros, and the rare items still keep a bin of their own and its share."""
-    torch.manual_seed(0)
-    cache = shacpp.BinnedCache(30000, 9, "cpu")
-    for _ in range(5):
-        cache.add(torch.cat([torch.zeros(1000), torch.full((2,), 3.0)]), x=torch.cat([torch.zeros(1000), torch.ones(2)]))
-    share, one_bin = rare_share(cache)
-    assert share >= 0.9 * one_bin and one_bin == 0.5, (share, one_bin)
+    assert len(cache) == 140 and (cache.sample(20000)["x"] == 1).float().mean() == pytest.approx(10 / 140, abs=0.01)
 
 
 def test_binned_cache_replaces_oldest_first():
@@ -177,28 +159,6 @@ def test_binned_cache_common_key_stays_in_one_bin_as_the_range_widens():
         assert (keys == 0).sum() <= cache.per_bin  # and that bin's share only
         assert torch.equal(cache.data["x"][cache.stamp >= 0], keys)  # the items moved with their keys
     # the first version left zeros in 3 bins and 300 of them in the cache here
-
-
-def test_binned_cache_strands_nothing_after_a_drift():
-    torch.manual_seed(0)
-    cache = shacpp.BinnedCache(900, 9, "cpu")
-    for step in range(40):  # value targets drifting upwards, from [0, 1] to [39, 40]
-        cache.add(step + torch.rand(100), x=torch.full((100,), float(step)))
-    # everything older than about the last 9 adds (a cache's worth) has gone; the first version kept the first
-    # adds in bins no new key reached, and they made up most of the samples
-    assert stored_keys(cache).min() >= 40 - 10
-    assert (cache.sample(1000)["x"] >= 30).all()
-
-
-def test_binned_cache_survives_an_outlier():
-    torch.manual_seed(0)
-    cache = shacpp.BinnedCache(900, 9, "cpu")
-    key = torch.rand(900)
-    cache.add(key, x=key)
-    cache.add(torch.tensor([1e6]), x=torch.tensor([1e6]))  # one outlier (the first version: one bin left)
-    keys = stored_keys(cache)
-    assert len(cache) >= 800 and cache.bin_of(keys).unique().numel() == 9
-    assert 1e6 in keys.tolist()  # kept, in the top bin
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -346,10 +306,10 @@ def test_shac_plus_gradient_flows_through_the_simulator(scenario, n, at):
 
 
 def test_binned_cache_all_time_range_and_uniform_sampling():
-    """--cache-range all-time: the bins span every key ever added, so a rare key of the first add keeps its bin after
-    any number of other keys; --cache-sampling uniform: every stored item is equally likely."""
+    """The bins span every key ever added, so a rare key of the first add keeps its bin after any number of other
+    keys; every stored item is equally likely in a batch."""
     torch.manual_seed(0)
-    cache = shacpp.BinnedCache(900, 9, "cpu", all_time=True, uniform=True)
+    cache = shacpp.BinnedCache(900, 9, "cpu")
     cache.add(torch.tensor([-2.0, 7.0]), x=torch.tensor([1.0, 1.0]))
     for _ in range(5):
         cache.add(torch.rand(900), x=torch.zeros(900))

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import tyro  # noqa: E402
 
 from bookkeeping import FINISHED, SIGNAL_EXIT, CSVLog, provenance  # noqa: E402
-from shacpp import max_return  # noqa: E402
+from scenarios import max_return  # noqa: E402
 
 REPOSITORY = "https://github.com/f14-bertolotti/shacpp"
 
