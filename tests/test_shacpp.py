@@ -347,14 +347,16 @@ def test_the_script_builds_normalised_transformers(tmp_path):
 
 
 def test_the_loop_steps_the_policy(tmp_path):
-    """The loop's policy update reaches optimizer.step(): after one episode Adam's first step has moved the policy's
-    parameters by about the learning rate (1e-3) from where a run with a negligible rate leaves them."""
+    """The loop's policy update reaches optimizer.step(), after the gradient clip: after one episode Adam's first step
+    has moved the policy's parameters by about the learning rate (1e-3) from where a run with a negligible rate leaves
+    them; with a gradient clipped to a norm of 1e-12, far below Adam's eps (1e-8), the same step hardly moves them."""
     from test_smoke import TINY, run_script
-    policies = []
-    for name, lr in (("stepped", "1e-3"), ("still", "1e-12")):
+    policies = {}
+    for name, flags in (("stepped", []), ("still", ["--learning-rate", "1e-12"]), ("clipped", ["--max-grad-norm", "1e-12"])):
         out = run_script("shacpp.py", ["--scenario", "dispersion", "--n-agents", "1", *TINY, "--episodes", "1",
-                                       "--learning-rate", lr, "--model-every", "1000", "--run-dir", name], tmp_path)
+                                       "--model-every", "1000", "--run-dir", name, *flags], tmp_path)
         assert out.returncode == 0, out.stderr
-        policies.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["policy"])
-    moved = max((policies[0][k] - policies[1][k]).abs().max().item() for k in policies[0])
-    assert 5e-4 < moved < 2e-3, moved
+        policies[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["policy"]
+    moved = {name: max((policies[name][k] - policies["still"][k]).abs().max().item() for k in policies[name])
+             for name in ("stepped", "clipped")}
+    assert 5e-4 < moved["stepped"] < 2e-3 and moved["clipped"] < 1e-5, moved
