@@ -13,6 +13,7 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
+import tyro
 from vmas.simulator.environment import Environment as VmasEnvironment
 
 CHECKPOINT_SECONDS = 300  # last.pt at least this often, besides every evaluation: a kill loses minutes, not hours
@@ -111,6 +112,28 @@ def resume_args(args, argv: list[str]):
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
                      f"({saved[name]} in {saved_path}); leave the flag out")
     return replace(args, checkpoint=path, **updates)
+
+
+def parse_args(Args):
+    """tyro.cli, then the ranges it cannot check: every count at least 1 (but seed and episodes), every float above 0
+    or at least 0 (Args.MAY_BE_ZERO) and at most 1 (Args.AT_MOST_ONE). --checkpoint: see resume_args."""
+    args = tyro.cli(Args)
+    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
+    for name, value in asdict(args).items():
+        flag, zero, high = "--" + name.replace("_", "-"), name in Args.MAY_BE_ZERO, 1.0 if name in Args.AT_MOST_ONE else math.inf
+        if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
+            sys.exit(f"error: {flag} must be at least 1, got {value}")
+        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
+            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
+    if args.episodes < 0 or (args.episodes == 0 and not args.checkpoint):
+        sys.exit(f"error: --episodes must be at least 1 (0, evaluation only, needs --checkpoint), got {args.episodes}")
+    return args
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:

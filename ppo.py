@@ -2,20 +2,16 @@
 # ppo_continuous_action.py batched over VMAS environments and agents, with CleanRL's reward scaling. The default actor,
 # one network over all agents, is the paper's MAPPO; --actor decentralised, one network on each agent's own
 # observation, is Yu et al. 2022's MAPPO. docs/ppo.md explains every argument and logged column.
-import math
 import os
-import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 import vmas
 
-from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
+from bookkeeping import Run, clock, load_checkpoint, parse_args, render_frame, report_evaluation, seed_everything
 from scenarios import Dispersion, Sampling, max_return
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
@@ -84,27 +80,11 @@ class Args:
     max_grad_norm: float = 0.5
     """gradient norm clip"""
 
-    # what a checkpoint must share with the run that loads it (bookkeeping.py)
+    # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
+    # besides every count at least 1 and every float above 0
     STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "actor")
-
-
-def parse_args() -> Args:
-    """tyro.cli, then what it cannot check (ranges); with --checkpoint, its run's arguments for the flags not given."""
-    args = tyro.cli(Args)
-    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
-    for name, value in asdict(args).items():
-        flag = "--" + name.replace("_", "-")
-        if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
-            sys.exit(f"error: {flag} must be at least 1, got {value}")
-        zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")  # 0 allowed; at most 1 for the fractions:
-        high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
-        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
-            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
-    if args.episodes < 0:
-        sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
-    if args.episodes == 0 and not args.checkpoint:
-        sys.exit("error: --episodes 0 (evaluation only) needs --checkpoint")
-    return args
+    AT_MOST_ONE: ClassVar = ("gamma", "lam", "stop_fraction", "stop_return")
+    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "vf_coef", "ent_coef")
 
 
 # ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
@@ -189,11 +169,6 @@ def evaluate(policy_mean, env, steps: int, stop_return: float, render: bool = Fa
                 solved_fraction=(team_return >= stop_return * best).float().mean().item()), frames
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 # ---------------------------------------------------------------- PPO (CleanRL's ppo_continuous_action.py)
 class Policy(nn.Module):
     """Gaussian policy with a state-independent learned log-std. The mean: centralised, one network over all agents
@@ -252,7 +227,7 @@ def gae(rewards, values, next_value, dones, gamma: float, lam: float):
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = parse_args(Args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed)
     env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed)

@@ -2,20 +2,16 @@
 # al., ECAI 2025; docs/shac.md), CleanRL-style single file. Per episode: a T-step rollout whose rewards and observations
 # carry the actions' gradient; one policy step on the window's return (policy_loss); the value model's TD(lambda) fit.
 # Only scenarios with a differentiable reward (transport, sampling).
-import math
 import os
-import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 import vmas
 
-from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
+from bookkeeping import Run, clock, load_checkpoint, parse_args, render_frame, report_evaluation, seed_everything
 from scenarios import Dispersion, Sampling, max_return
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
@@ -78,27 +74,11 @@ class Args:
     value_minibatches: int = 4
     """minibatches per value epoch"""
 
-    # what a checkpoint must share with the run that loads it (bookkeeping.py)
+    # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
+    # besides every count at least 1 and every float above 0
     STRUCTURE: ClassVar = ("scenario", "n_agents", "arch")
-
-
-def parse_args() -> Args:
-    """tyro.cli, then what it cannot check (ranges); with --checkpoint, its run's arguments for the flags not given."""
-    args = tyro.cli(Args)
-    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
-    for name, value in asdict(args).items():
-        flag = "--" + name.replace("_", "-")
-        if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
-            sys.exit(f"error: {flag} must be at least 1, got {value}")
-        zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")  # 0 allowed; at most 1 for the fractions:
-        high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
-        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
-            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
-    if args.episodes < 0:
-        sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
-    if args.episodes == 0 and not args.checkpoint:
-        sys.exit("error: --episodes 0 (evaluation only) needs --checkpoint")
-    return args
+    AT_MOST_ONE: ClassVar = ("gamma", "lam", "stop_fraction", "stop_return")
+    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "alpha")
 
 
 # ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
@@ -183,11 +163,6 @@ def evaluate(policy_mean, env, steps: int, stop_return: float, render: bool = Fa
                 solved_fraction=(team_return >= stop_return * best).float().mean().item()), frames
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 # ---------------------------------------------------------------- SHAC (Xu et al. 2022)
 def lambda_returns(rewards, next_values, terminated, gamma: float, lam: float):
     """Truncated TD(lambda) targets of the paper (section 2.3), by the recursion
@@ -244,7 +219,7 @@ def fit_value(value_model, optimizer, obs, targets, epochs: int, minibatches: in
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = parse_args(Args)
     if args.scenario in ("dispersion", "discovery"):  # refused before anything is built
         sys.exit(f"error: the {args.scenario} reward is not differentiable, so SHAC cannot train on it; use shacpp.py")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

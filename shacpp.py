@@ -9,18 +9,15 @@
 # --dynamics simulator is SHAC+, the paper's ablation: VMAS's own differentiable physics in place of the world model.
 import math
 import os
-import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 import vmas
 
-from bookkeeping import Run, clock, load_checkpoint, render_frame, report_evaluation, resume_args
+from bookkeeping import Run, clock, load_checkpoint, parse_args, render_frame, report_evaluation, seed_everything
 from scenarios import Dispersion, Sampling, max_return
 
 ALGORITHM = os.path.basename(__file__)[: -len(".py")]  # ppo, shac or shacpp: names runs and checkpoints
@@ -106,27 +103,11 @@ class Args:
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
 
-    # what a checkpoint must share with the run that loads it (bookkeeping.py)
+    # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
+    # besides every count at least 1 and every float above 0
     STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps")
-
-
-def parse_args() -> Args:
-    """tyro.cli, then what it cannot check (ranges); with --checkpoint, its run's arguments for the flags not given."""
-    args = tyro.cli(Args)
-    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
-    for name, value in asdict(args).items():
-        flag = "--" + name.replace("_", "-")
-        if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
-            sys.exit(f"error: {flag} must be at least 1, got {value}")
-        zero = name in ("gamma", "lam", "alpha", "vf_coef", "ent_coef")  # 0 allowed; at most 1 for the fractions:
-        high = 1.0 if name in ("gamma", "lam", "stop_fraction", "stop_return") else math.inf
-        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
-            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
-    if args.episodes < 0:
-        sys.exit(f"error: --episodes must be at least 0, got {args.episodes}")
-    if args.episodes == 0 and not args.checkpoint:
-        sys.exit("error: --episodes 0 (evaluation only) needs --checkpoint")
-    return args
+    AT_MOST_ONE: ClassVar = ("gamma", "lam", "stop_fraction", "stop_return")
+    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "alpha")
 
 
 # ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
@@ -211,11 +192,6 @@ def evaluate(policy_mean, env, steps: int, stop_return: float, render: bool = Fa
                 solved_fraction=(team_return >= stop_return * best).float().mean().item()), frames
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 # ---------------------------------------------------------------- SHAC++ (paper section 3)
 class WorldModel(nn.Module):
     """F(s_0, a_0..a_{T-1}) -> s^_1..s^_T in one forward pass, not step by step (paper section 3). One token per
@@ -273,11 +249,8 @@ class BinnedCache:
         self.added = 0
         self.low = self.high = torch.tensor(0.0, device=device)
 
-    def bin_of(self, key):
-        width = self.high - self.low
-        if width < 1e-8:  # a collapsed range (every key equal): those keys in the middle bin, the others at the ends
-            middle = self.bins // 2 if self.bins > 2 else 0
-            return torch.where(key < self.low, 0, torch.where(key > self.high, self.bins - 1, middle))
+    def bin_of(self, key):  # every key lies in [low, high]; while all keys are equal, all share bin 0
+        width = (self.high - self.low).clamp(min=1e-8)
         return ((key - self.low) / width * self.bins).floor().clamp(0, self.bins - 1).long()
 
     def add(self, key, **items):
@@ -373,7 +346,7 @@ def cut_graph(env):
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = parse_args(Args)
     for name in ("world", "reward", "value"):  # each bin must hold at least one item
         if getattr(args, f"{name}_cache") < getattr(args, f"{name}_bins"):
             sys.exit(f"error: --{name}-cache must be at least --{name}-bins")

@@ -136,7 +136,7 @@ BAD_INPUT = [
 ]
 
 
-# parse_args is the same in every script (test_shared_blocks_identical), so ppo.py gets every case and the others one
+# every script parses with bookkeeping.parse_args, so ppo.py gets every case and the others their own ranges
 @pytest.mark.parametrize("script, bad, message", [("ppo.py", *case) for case in BAD_INPUT] + [
     ("shac.py", *BAD_INPUT[1]),
     ("shac.py", ["--policy-std", "0"], "--policy-std must be in (0, inf), got 0.0"),
@@ -270,13 +270,13 @@ def test_dispersion_agents_start_on_circle():
 
 
 def blocks(path):
-    """The shared blocks of a training script: parse_args through seed_everything."""
+    """The shared blocks of a training script: the environment factory through evaluate."""
     text = open(os.path.join(HERE, path)).read()
-    return text[text.index("def parse_args"):text.index("\n# ----", text.index("def seed_everything"))]
+    return text[text.index("def make_env"):text.index("\n# ----", text.index("def evaluate"))]
 
 
 def test_shared_blocks_identical():
-    """Environment factory, networks, evaluation and parsing are copies: diff shows only the algorithm."""
+    """Environment factory, networks and evaluation are copies: diff shows only the algorithm."""
     assert blocks("ppo.py") == blocks("shacpp.py") == blocks("shac.py")
 
 

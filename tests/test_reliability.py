@@ -161,7 +161,8 @@ def test_bad_checkpoints_one_line(checkpoint, tmp_path):
         assert str(stop.value) == f"error: checkpoint {path} {message}"
     for args, message in ((["--checkpoint", str(tmp_path / "missing.pt")], f"error: checkpoint {tmp_path}/missing.pt "
                                                                          "does not exist"),
-                          (["--episodes", "0"], "error: --episodes 0 (evaluation only) needs --checkpoint")):
+                          (["--episodes", "0"], "error: --episodes must be at least 1 (0, evaluation only, needs --checkpoint), "
+                                             "got 0")):
         out = run_script("ppo.py", args, tmp_path)
         assert out.returncode != 0 and out.stderr.strip().splitlines() == [message], out.stderr
 
