@@ -120,7 +120,8 @@ def parse_args(Args):
     args = tyro.cli(Args)
     args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
     for name, value in asdict(args).items():
-        flag, zero, high = "--" + name.replace("_", "-"), name in Args.MAY_BE_ZERO, 1.0 if name in Args.AT_MOST_ONE else math.inf
+        flag, zero = "--" + name.replace("_", "-"), name in Args.MAY_BE_ZERO
+        high = 1.0 if name in Args.AT_MOST_ONE else math.inf
         if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
             sys.exit(f"error: {flag} must be at least 1, got {value}")
         if type(value) is float and not (0 < value <= high or (zero and value == 0)):
