@@ -1,6 +1,6 @@
-"""Run plumbing shared by ppo.py, shac.py and shacpp.py: the run folder and its CSV logs, checkpoints (atomic, with
-every random state), resuming, stop signals, the non-finite update guard and GIFs. No algorithm lives here; copy it
-along with a script. A script names the arguments a checkpoint must share with it in `Args.STRUCTURE`."""
+"""Run plumbing for ppo.py, shac.py and shacpp.py (copy it along with a script): argument checks, seeding, the run
+folder with its CSV logs, atomic checkpoints with every random state, resuming, stop signals, the non-finite update
+guard and GIFs. No algorithm lives here; a script names what a checkpoint must share with it in `Args.STRUCTURE`."""
 import json
 import math
 import os
@@ -42,49 +42,12 @@ def save_gif(frames, path: str):
     images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
 
 
-class CSVLog:
-    """Appends rows to a CSV file whose columns the first row fixes. Resuming at episode k keeps the rows up to k."""
-
-    def __init__(self, path: str, resume_episode: int | None = None):
-        self.path, self.columns = path, None
-        if resume_episode is not None and os.path.exists(path):
-            with open(path) as f:
-                header, *rows = f.readlines()
-            self.columns = header.strip().split(",")
-            with open(path, "w") as f:
-                f.writelines([header, *(r for r in rows if int(r.split(",", 1)[0]) <= resume_episode)])
-
-    def last_row(self) -> dict:
-        lines = open(self.path).read().splitlines() if os.path.exists(self.path) else []
-        complete = len(lines) >= 2 and len(lines[-1].split(",")) == len(lines[0].split(","))
-        return {k: float(v) for k, v in zip(lines[0].split(","), lines[-1].split(","))} if complete else {}
-
-    def write(self, row: dict):
-        with open(self.path, "a") as f:
-            if self.columns is None:
-                self.columns = list(row)
-                f.write(",".join(self.columns) + "\n")
-            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns))
-            f.write("\n")
-
-
-def rng_states() -> dict:
-    """Python, NumPy, torch and VMAS's own random states (NumPy's as lists, so weights_only loading works)."""
-    vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
-    plain = lambda s: (s[0], s[1].tolist(), *s[2:])  # noqa: E731
-    return dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                vmas=(vmas_torch, plain(vmas_numpy), vmas_python))
-
-
-def set_rng_states(rng: dict):
-    array = lambda s: (s[0], np.array(s[1], dtype=np.uint32), *s[2:])  # noqa: E731
-    random.setstate(rng["python"])
-    np.random.set_state(array(rng["numpy"]))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    VmasEnvironment.vmas_random_state[:] = [rng["vmas"][0], array(rng["vmas"][1]), rng["vmas"][2]]
+def report_evaluation(checkpoint: str, metrics: dict, frames=None):
+    """--episodes 0: print a checkpoint's evaluation and, with frames, write <checkpoint>.gif."""
+    print(f"{checkpoint}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if frames:
+        save_gif(frames, os.path.splitext(checkpoint)[0] + ".gif")
+        print(f"wrote {os.path.splitext(checkpoint)[0]}.gif")
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -93,39 +56,33 @@ def given_flags(argv: list[str]) -> set[str]:
     return names | {name[3:] for name in names if name.startswith("no_")}
 
 
-def resume_args(args, argv: list[str]):
-    """--checkpoint: a run folder stands for its last.pt, and the run's args.json fills every flag not given.
-    A given flag of Args.STRUCTURE that contradicts the run is refused."""
-    path = os.path.join(args.checkpoint, "last.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
-    saved_path = os.path.join(os.path.dirname(os.path.abspath(path)), "args.json")
-    if not os.path.isfile(saved_path):  # a checkpoint moved out of its run folder: the command line as given
-        return replace(args, checkpoint=path)
-    try:
-        saved = json.load(open(saved_path))
-    except (OSError, ValueError):
-        sys.exit(f"error: {saved_path} is not readable JSON")
-    given, updates = given_flags(argv), {}
-    for name in (f.name for f in fields(args) if f.name != "checkpoint" and f.name in saved):
-        if name not in given:
-            updates[name] = saved[name]
-        elif name in args.STRUCTURE and getattr(args, name) != saved[name]:
-            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
-                     f"({saved[name]} in {saved_path}); leave the flag out")
-    return replace(args, checkpoint=path, **updates)
-
-
 def parse_args(Args):
     """tyro.cli, then the ranges it cannot check: every count at least 1 (but seed and episodes), every float above 0
-    or at least 0 (Args.MAY_BE_ZERO) and at most 1 (Args.AT_MOST_ONE). --checkpoint: see resume_args."""
+    (or at least 0: Args.MAY_BE_ZERO) and at most 1 where Args.AT_MOST_ONE says so. --checkpoint with a run folder
+    (or its last.pt) takes every flag not given from the run's args.json and refuses one of Args.STRUCTURE that
+    contradicts it."""
     args = tyro.cli(Args)
-    args = resume_args(args, sys.argv[1:]) if args.checkpoint else args
+    if args.checkpoint:
+        path = os.path.join(args.checkpoint, "last.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+        saved_path, saved = os.path.join(os.path.dirname(os.path.abspath(path)), "args.json"), {}
+        try:  # a checkpoint moved out of its run folder: the command line as given
+            saved = json.load(open(saved_path)) if os.path.isfile(saved_path) else {}
+        except (OSError, ValueError):
+            sys.exit(f"error: {saved_path} is not readable JSON")
+        given, updates = given_flags(sys.argv[1:]), {}
+        for name in (f.name for f in fields(args) if f.name != "checkpoint" and f.name in saved):
+            if name not in given:
+                updates[name] = saved[name]
+            elif name in Args.STRUCTURE and getattr(args, name) != saved[name]:
+                sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
+                         f"({saved[name]} in {saved_path}); leave the flag out")
+        args = replace(args, checkpoint=path, **updates)
     for name, value in asdict(args).items():
-        flag, zero = "--" + name.replace("_", "-"), name in Args.MAY_BE_ZERO
-        high = 1.0 if name in Args.AT_MOST_ONE else math.inf
+        flag, zero, high = "--" + name.replace("_", "-"), name in Args.MAY_BE_ZERO, name in Args.AT_MOST_ONE
         if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
             sys.exit(f"error: {flag} must be at least 1, got {value}")
-        if type(value) is float and not (0 < value <= high or (zero and value == 0)):
-            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high == 1 else 'inf)'}, got {value}")
+        if type(value) is float and not (0 < value <= (1.0 if high else math.inf) or (zero and value == 0)):
+            sys.exit(f"error: {flag} must be in {'[' if zero else '('}0, {'1]' if high else 'inf)'}, got {value}")
     if args.episodes < 0 or (args.episodes == 0 and not args.checkpoint):
         sys.exit(f"error: --episodes must be at least 1 (0, evaluation only, needs --checkpoint), got {args.episodes}")
     return args
@@ -135,6 +92,15 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_states() -> dict:
+    """Python, NumPy, torch and VMAS's own random states (NumPy's as lists, so weights_only loading works)."""
+    plain = lambda s: (s[0], s[1].tolist(), *s[2:])  # noqa: E731
+    vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
+    return dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                vmas=(vmas_torch, plain(vmas_numpy), vmas_python))
 
 
 def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
@@ -157,7 +123,13 @@ def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
             module.load_state_dict(state[name])
     except (KeyError, RuntimeError, ValueError) as e:  # e.g. networks of another size
         sys.exit(f"error: checkpoint {path} does not fit these networks: {' '.join(str(e).split())}")
-    set_rng_states(rng)
+    array = lambda s: (s[0], np.array(s[1], dtype=np.uint32), *s[2:])  # noqa: E731
+    random.setstate(rng["python"])
+    np.random.set_state(array(rng["numpy"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    VmasEnvironment.vmas_random_state[:] = [rng["vmas"][0], array(rng["vmas"][1]), rng["vmas"][2]]
     return state
 
 
@@ -172,12 +144,24 @@ def provenance(script: str) -> dict:
     return dict(script=os.path.basename(script), git_commit=commit, torch=torch.__version__, vmas=vmas.__version__)
 
 
-def report_evaluation(checkpoint: str, metrics: dict, frames=None):
-    """--episodes 0: print a checkpoint's evaluation and, with frames, write <checkpoint>.gif."""
-    print(f"{checkpoint}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if frames:
-        save_gif(frames, os.path.splitext(checkpoint)[0] + ".gif")
-        print(f"wrote {os.path.splitext(checkpoint)[0]}.gif")
+class CSVLog:
+    """Appends rows to a CSV file whose columns the first row fixes. Resuming at episode k keeps the rows up to k."""
+
+    def __init__(self, path: str, resume_episode: int | None = None):
+        self.path, self.columns = path, None
+        if resume_episode is not None and os.path.exists(path):
+            header, *rows = open(path).readlines()
+            self.columns = header.strip().split(",")
+            with open(path, "w") as f:
+                f.writelines([header, *(r for r in rows if int(r.split(",", 1)[0]) <= resume_episode)])
+
+    def write(self, row: dict):
+        with open(self.path, "a") as f:
+            if self.columns is None:
+                self.columns = list(row)
+                f.write(",".join(self.columns) + "\n")
+            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns))
+            f.write("\n")
 
 
 class NonFiniteGuard:
@@ -196,14 +180,15 @@ class Run:
 
     def __init__(self, args, modules: dict, checkpoint: dict | None, algorithm: str, script: str):
         self.modules, self.args, self.algorithm = modules, args, algorithm  # modules: networks and optimisers
-        self.episode, self.best = (checkpoint["episode"], checkpoint["best"]) if checkpoint else (0, -math.inf)
+        state = checkpoint or dict(episode=0, best=-math.inf, elapsed=0.0)
+        self.episode, self.best = state["episode"], state["best"]  # best: the best evaluation's normalized_return
         if checkpoint:
             self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
         else:
             self.dir = args.run_dir or os.path.join("runs", f"{args.scenario}__{args.n_agents}__{args.arch}__"
                                                             f"{args.exp_name}__{args.seed}__{int(time.time())}")
             os.makedirs(self.dir, exist_ok=bool(args.run_dir))
-            for name in ("train.csv", "eval.csv", FINISHED):
+            for name in ("train.csv", "eval.csv", FINISHED):  # a --run-dir used before starts afresh
                 if os.path.exists(os.path.join(self.dir, name)):
                     os.remove(os.path.join(self.dir, name))
             with open(os.path.join(self.dir, "args.json"), "w") as f:
@@ -211,9 +196,8 @@ class Run:
         resume = self.episode if checkpoint else None
         self.train_log = CSVLog(os.path.join(self.dir, "train.csv"), resume)
         self.eval_log = CSVLog(os.path.join(self.dir, "eval.csv"), resume)
-        self.start = time.time() - (checkpoint["elapsed"] if checkpoint else 0.0)
-        self.last_eval = self.eval_log.last_row()  # a resumed run shows its last evaluation
-        self.last_print = self.last_save = self.session_start = time.time()
+        self.start, self.last_print = time.time() - state["elapsed"], 0.0
+        self.last_save = time.time()
         self.stop_signal, self.guard = None, NonFiniteGuard()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.on_signal)
@@ -234,7 +218,7 @@ class Run:
         self.last_save = time.time()
 
     def log_train(self, episode: int, row: dict):
-        """A train.csv row, last.pt every few minutes, and a progress line every 5 seconds."""
+        """A train.csv row, last.pt every few minutes, and a progress line every 5 seconds (the first at once)."""
         now, global_step = time.time(), episode * self.args.num_envs * self.args.num_steps
         self.train_log.write(dict(episode=episode, global_step=global_step, time=now - self.start, **row,
                                   skipped_updates=self.guard.skipped, sps=global_step / (now - self.start)))
@@ -242,17 +226,13 @@ class Run:
         if now - self.last_save > CHECKPOINT_SECONDS:
             self.save("last.pt", episode)
         if now - self.last_print > 5:
-            done, left = episode - self.episode, self.args.episodes - episode  # episodes of this session, to go
-            last = self.last_eval
-            evaluated = f"eval {last['normalized_return']:.3f} at {int(last['episode'])}" if last else "no eval yet"
-            print(f"episode {episode}/{self.args.episodes} | {(now - self.start) / 60:.1f} min elapsed, "
-                  f"~{(now - self.session_start) / done * left / 60:.1f} min left | train return "
-                  f"{row['train_return']:.3f} | {evaluated}", flush=True)
+            best = f"best eval {self.best:.3f}" if self.best > -math.inf else "no eval yet"
+            print(f"episode {episode}/{self.args.episodes} | {(now - self.start) / 60:.1f} min | train return "
+                  f"{row['train_return']:.3f} | {best}", flush=True)
             self.last_print = now
 
     def log_eval(self, episode: int, metrics: dict, frames=None):
         """An eval.csv row, a GIF with --capture-video, best.pt and last.pt."""
-        self.last_eval = dict(episode=episode, **metrics)
         self.eval_log.write(dict(episode=episode, global_step=episode * self.args.num_envs * self.args.num_steps,
                                  time=time.time() - self.start, **metrics))
         print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)

@@ -1,5 +1,5 @@
 # Learning curves in the layout of the SHAC++ paper's Fig. 4, and on stdout a Markdown table of the best normalized
-# return per scenario, agents and algorithm. Usage: python plot.py results/ [--x steps|time|episodes] [--out F] [--pdf]
+# return per scenario, agents and algorithm. Usage: python plot.py results/ [--x steps|time|episodes] [--out F]
 import csv
 import itertools
 import json
@@ -29,21 +29,6 @@ XAXIS = {"steps": ("global_step", "environment steps"), "time": ("time", "wall-c
 # arguments that do not make two runs different learners: runs that differ only here form one group
 IGNORED = {"seed", "checkpoint", "capture_video", "save_model", "cuda", "runs", "run_dir", "exp_name", "episodes",
            "eval_every", "torch_deterministic", "script", "git_commit", "torch", "vmas"}
-ADDED = {"dynamics": "model"}  # shacpp.py arguments newer than some runs: what those runs did
-# arguments the scripts no longer have, at values that do what the scripts do now (None: any value): dropped
-RETIRED = {"credit": "team", "world_tolerance": None, "reward_tolerance": None, "anneal_lr": False,
-           "anneal_episodes": None, "adam_eps": 1e-8, "orthogonal_init": False, "norm_obs": False,
-           "embed_norm": True, "reward_input": "sa", "cache_range": "all-time", "cache_sampling": "uniform"}
-
-
-def current(args: dict) -> dict:
-    """A run's arguments in today's terms: retired ones dropped, the three model intervals as --model-every."""
-    args = {k: v for k, v in args.items() if k not in RETIRED or RETIRED[k] not in (None, v)}
-    every = {args[f"{m}_every"] for m in ("world", "reward", "value") if f"{m}_every" in args}
-    if len(every) == 1:  # one interval for the three models, as --model-every
-        args = {k: v for k, v in args.items() if not k.endswith(("world_every", "reward_every", "value_every"))}
-        args["model_every"] = every.pop()
-    return args
 CAPTION = ("Cell: best evaluation normalized_return, mean over seeds (seeds, wall-clock minutes); a reference "
            "controller: its one evaluation; several configurations: separated by ';', named by exp_name; –: no run.")
 
@@ -55,9 +40,7 @@ class Args:
     x: Literal["steps", "time", "episodes"] = "steps"
     """x axis: environment steps (runs of different window lengths compare), wall-clock minutes, or episodes"""
     out: str = "results.png"
-    """where to write the figure"""
-    pdf: bool = False
-    """also write the figure as PDF (same name, .pdf)"""
+    """where to write the figure (its format from the extension: .png, .pdf, .svg)"""
 
 
 def find_runs(paths) -> list[str]:
@@ -81,7 +64,6 @@ def group(runs: list[str]) -> dict:
     for run in runs:
         with open(os.path.join(run, "args.json")) as f:
             args = json.load(f)
-        args = current(ADDED | args if args.get("algorithm") in ("shacpp", "shac+") else args)
         rows, path = [], os.path.join(run, "eval.csv")
         if os.path.exists(path):
             with open(path) as f:
@@ -101,24 +83,15 @@ def cells(groups: dict) -> dict:
         out[(seeds[0][0]["scenario"], seeds[0][0]["n_agents"], column(seeds[0][0]))].append(key)
     for cell, keys in out.items():
         names = {k: "/".join(sorted({a.get("exp_name") or a["algorithm"] for a, _ in groups[k]})) for k in keys}
-        if len(set(names.values())) < len(keys):
-            configs = [dict(k) for k in keys]
-            differing = sorted({a for c in configs for a in c if len({d.get(a) for d in configs}) > 1})
-            names = {k: names[k] + " " + ",".join(f"{a}={json.loads(c[a])}" for a in differing if a in c)
-                     for k, c in zip(keys, configs)}
+        for name in {v for v in names.values() if list(names.values()).count(v) > 1}:  # a name shared by groups
+            configs = {k: dict(k) for k in keys if names[k] == name}
+            differing = sorted({a for c in configs.values() for a in c if len({d.get(a) for d in configs.values()})
+                                > 1})
+            names |= {k: name + " " + ",".join(f"{a}={json.loads(c[a])}" for a in differing if a in c)
+                      for k, c in configs.items()}
         out[cell] = dict(sorted(names.items(), key=lambda kv: kv[1]))
     rank = {s: i for i, s in enumerate(SCENARIOS)}  # an unknown scenario: after the paper's, by name
     return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 4), *kv[0][:2], [*SHOWN].index(kv[0][2]))))
-
-
-def warnings(groups: dict) -> list[str]:
-    """One line per panel holding several configurations of one algorithm, implementation and architecture."""
-    same = defaultdict(list)
-    for (scenario, n, c), names in cells(groups).items():
-        for key, tag in names.items():
-            same[(scenario, n, SHOWN[c][0], groups[key][0][0].get("arch", "(reference)"))].append(tag)
-    return [f"warning: {s} with {n} agent{'s' * (n > 1)} holds {len(tags)} configurations of {name} {arch}, kept "
-            f"apart: {'; '.join(tags)}" for (s, n, name, arch), tags in same.items() if len(tags) > 1]
 
 
 def best(seeds) -> float:
@@ -165,7 +138,7 @@ def table(groups: dict) -> str:
     return "\n".join(lines + ["", CAPTION])
 
 
-def plot(groups: dict, x: str, out: str, pdf: bool):
+def plot(groups: dict, x: str, out: str):
     """Scenarios down, agent counts across; per group a mean line with a light min-max band over seeds, its colour
     the algorithm, its style the architecture; a dotted level per reference controller; one legend below."""
     by_cell = cells(groups)
@@ -193,15 +166,8 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
                         markersize=4, label=label + f" [{tag}]" * (len(twins) > 1))
                 ax.fill_between(xs, lows, highs, color=colour, alpha=0.12, linewidth=0)
                 notes += [(means[-1], xs[-1], tag, colour)] * (len(twins) > 1)
-        notes.sort()  # which configuration: its name at its curve's end, 0.07 apart at least, within the frame
-        ys = [y for y, *_ in notes]
-        for i in range(1, len(ys)):
-            ys[i] = max(ys[i], ys[i - 1] + 0.07)
-        for i in reversed(range(len(ys))):
-            ys[i] = min(ys[i], ys[i + 1] - 0.07 if i + 1 < len(ys) else 0.95)
-        for y, (_, end, tag, colour) in zip(ys, notes):
-            ax.text(end, y + 0.01, tag, ha="right" if end > sum(ax.get_xlim()) / 2 else "left", va="bottom",
-                    fontsize=6.5, color=colour, bbox=dict(facecolor="white", alpha=0.7, linewidth=0, pad=0.5))
+        for y, end, tag, colour in notes:  # which configuration: its name at its curve's end
+            ax.text(end, y, tag, ha="right", va="bottom", fontsize=6.5, color=colour)
         ax.set(title=f"{scenario}, {n} agent{'s' * (n > 1)}", xlabel=XAXIS[x][1], ylabel="normalized return",
                ylim=(min(ax.get_ylim()[0], -0.02), max(ax.get_ylim()[1], 1.05)))  # the solved level stays in view
         ax.grid(alpha=0.3)
@@ -212,8 +178,7 @@ def plot(groups: dict, x: str, out: str, pdf: bool):
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=(len(handles) + 1) // 2,
                frameon=False)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    for path in [out] + [os.path.splitext(out)[0] + ".pdf"] * pdf:
-        fig.savefig(path, dpi=150, bbox_inches="tight")  # the legend below the panels is kept
+    fig.savefig(out, dpi=150, bbox_inches="tight")  # the legend below the panels is kept
     return fig
 
 
@@ -222,8 +187,6 @@ if __name__ == "__main__":
     groups = group(find_runs(args.paths))
     if not groups:
         sys.exit(f"error: found no run with an evaluation under {', '.join(args.paths)}")
-    for line in warnings(groups):
-        print(line, file=sys.stderr)
-    plot(groups, args.x, args.out, args.pdf)
+    plot(groups, args.x, args.out)
     print(table(groups))
-    print(f"wrote {args.out}" + (f" and {os.path.splitext(args.out)[0]}.pdf" if args.pdf else ""))
+    print(f"wrote {args.out}")

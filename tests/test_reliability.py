@@ -243,9 +243,9 @@ def test_signal_during_model_training_stops_within_seconds(tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "finished"))
 
 
-def test_wall_clock_checkpoint_and_last_eval_on_resume(tmp_path, monkeypatch):
+def test_wall_clock_checkpoint_and_best_on_resume(tmp_path, monkeypatch):
     """last.pt is written once CHECKPOINT_SECONDS have passed, not only at evaluations; a resumed run knows its
-    last evaluation (the progress line shows it instead of nothing)."""
+    best evaluation (the progress line shows it) and its elapsed time."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bookkeeping, "CHECKPOINT_SECONDS", 0.0)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -258,7 +258,7 @@ def test_wall_clock_checkpoint_and_last_eval_on_resume(tmp_path, monkeypatch):
         state = torch.load(os.path.join(run.dir, "last.pt"), weights_only=True)
         resumed = bookkeeping.Run(ppo.Args(checkpoint=os.path.join(run.dir, "last.pt")), dict(net=nn.Linear(2, 2)),
                                   state, "ppo", ppo.__file__)
-        assert resumed.last_eval["episode"] == 2 and resumed.last_eval["normalized_return"] == 0.25
+        assert resumed.best == 0.25 and resumed.episode == 2 and time.time() - resumed.start >= state["elapsed"]
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
