@@ -117,38 +117,45 @@ def step(env, action: torch.Tensor):
 
 # ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
-    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
+    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block;
+    dropout (active in train mode) after the hidden layer and the block."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         hidden = 32 * n_agents
         self.n_agents, self.out_dim = n_agents, out_dim
         self.inp = nn.Linear(n_agents * in_dim, hidden)
         self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
         self.out = nn.Linear(hidden, n_agents * out_dim)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = torch.relu(self.inp(x.flatten(-2)))
-        return self.out(h + self.block(h)).unflatten(-1, (self.n_agents, self.out_dim))
+        h = self.drop(torch.relu(self.inp(x.flatten(-2))))
+        return self.out(h + self.drop(self.block(h))).unflatten(-1, (self.n_agents, self.out_dim))
 
 
 class Transformer(nn.Module):
-    """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
+    """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant);
+    dropout (active in train mode) after the embedding and inside the encoder layer."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
         self.norm = nn.LayerNorm(d_model) if norm else nn.Identity()  # norm: a LayerNorm after the embedding
-        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=dropout, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = self.encoder(self.norm(self.embed(x.flatten(0, -3))))
+        h = self.encoder(self.drop(self.norm(self.embed(x.flatten(0, -3)))))
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False) -> nn.Module:
-    return MLP(n_agents, in_dim, out_dim) if arch == "mlp" else Transformer(n_agents, in_dim, out_dim, norm=norm)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False, dropout: float = 0.0):
+    if arch == "mlp":
+        return MLP(n_agents, in_dim, out_dim, dropout)
+    return Transformer(n_agents, in_dim, out_dim, norm=norm, dropout=dropout)
 
 
 @torch.no_grad()

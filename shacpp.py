@@ -102,12 +102,14 @@ class Args:
     samples, seen unclamped"""
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
+    policy_dropout: float = 0.0
+    """not in the paper (the authors' code: 0.1): dropout in the policy network while training; off at evaluation"""
 
     # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
     # besides every count at least 1 and every float above 0
     STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps")
-    AT_MOST_ONE: ClassVar = ("gamma", "lam", "stop_fraction", "stop_return")
-    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "alpha")
+    AT_MOST_ONE: ClassVar = ("gamma", "lam", "stop_fraction", "stop_return", "policy_dropout")
+    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "alpha", "policy_dropout")
 
 
 # ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
@@ -140,38 +142,45 @@ def step(env, action: torch.Tensor):
 
 # ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
-    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
+    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block;
+    dropout (active in train mode) after the hidden layer and the block."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         hidden = 32 * n_agents
         self.n_agents, self.out_dim = n_agents, out_dim
         self.inp = nn.Linear(n_agents * in_dim, hidden)
         self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
         self.out = nn.Linear(hidden, n_agents * out_dim)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = torch.relu(self.inp(x.flatten(-2)))
-        return self.out(h + self.block(h)).unflatten(-1, (self.n_agents, self.out_dim))
+        h = self.drop(torch.relu(self.inp(x.flatten(-2))))
+        return self.out(h + self.drop(self.block(h))).unflatten(-1, (self.n_agents, self.out_dim))
 
 
 class Transformer(nn.Module):
-    """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
+    """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant);
+    dropout (active in train mode) after the embedding and inside the encoder layer."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
         self.norm = nn.LayerNorm(d_model) if norm else nn.Identity()  # norm: a LayerNorm after the embedding
-        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=dropout, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = self.encoder(self.norm(self.embed(x.flatten(0, -3))))
+        h = self.encoder(self.drop(self.norm(self.embed(x.flatten(0, -3)))))
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False) -> nn.Module:
-    return MLP(n_agents, in_dim, out_dim) if arch == "mlp" else Transformer(n_agents, in_dim, out_dim, norm=norm)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False, dropout: float = 0.0):
+    if arch == "mlp":
+        return MLP(n_agents, in_dim, out_dim, dropout)
+    return Transformer(n_agents, in_dim, out_dim, norm=norm, dropout=dropout)
 
 
 @torch.no_grad()
@@ -363,7 +372,7 @@ if __name__ == "__main__":
 
     # Algorithm 1, lines 1-4: the policy, value, reward and world networks, and their optimisers
     # transformers with a LayerNorm after the input embedding (norm=True), as the authors' code
-    policy = make_network(args.arch, n, obs_dim, 2, norm=True).to(device)  # the Gaussian's mean (no tanh)
+    policy = make_network(args.arch, n, obs_dim, 2, norm=True, dropout=args.policy_dropout).to(device)  # mean (no tanh)
     value_model = make_network(args.arch, n, obs_dim, 1, norm=True).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R per agent
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
@@ -381,7 +390,7 @@ if __name__ == "__main__":
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
-        metrics, frames = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+        metrics, frames = evaluate(policy.eval(), eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
         report_evaluation(args.checkpoint, metrics, frames)
         sys.exit(0)
     run = Run(args, modules, checkpoint, algorithm, __file__)  # caches are not saved: a resumed run refills them
@@ -483,7 +492,9 @@ if __name__ == "__main__":
 
         # ---- evaluation, checkpoints and early stopping (paper section 4)
         if episode % args.eval_every == 0 or episode == args.episodes:
-            metrics, frames = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+            metrics, frames = evaluate(policy.eval(), eval_env, args.eval_steps, args.stop_return,  # eval: no dropout
+                                       render=args.capture_video)
+            policy.train()
             run.log_eval(episode, metrics | dict(eval_time=clock(device) - end), frames)
             if metrics["solved_fraction"] >= args.stop_fraction:  # early stop: most environments solved
                 print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import shacpp
+from test_smoke import TINY, run_script
 
 
 def test_world_model_residual_adds_s0():
@@ -360,3 +361,30 @@ def test_the_loop_steps_the_policy(tmp_path):
     moved = {name: max((policies[name][k] - policies["still"][k]).abs().max().item() for k in policies[name])
              for name in ("stepped", "clipped")}
     assert 5e-4 < moved["stepped"] < 2e-3 and moved["clipped"] < 1e-5, moved
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_policy_dropout_only_in_train_mode(arch):
+    """--policy-dropout: in train mode two passes differ; in eval mode the network is the same weights without it."""
+    torch.manual_seed(0)
+    net = shacpp.make_network(arch, 2, 5, 2, norm=True, dropout=0.5)
+    plain = shacpp.make_network(arch, 2, 5, 2, norm=True)
+    plain.load_state_dict(net.state_dict())
+    x = torch.randn(64, 2, 5)
+    assert not torch.allclose(net(x), net(x))
+    torch.testing.assert_close(net.eval()(x), plain(x))
+
+
+def test_evaluation_has_no_policy_dropout(tmp_path):
+    """A checkpoint evaluated with --policy-dropout 0.5 and with 0 gives the same metrics: evaluation uses the mean
+    of the policy without dropout."""
+    out = run_script("shacpp.py", ["--scenario", "sampling", *TINY, "--policy-dropout", "0.5", "--run-dir", "run"],
+                     tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = []
+    for dropout in ("0.5", "0.0"):
+        out = run_script("shacpp.py", ["--checkpoint", "run", "--episodes", "0", "--policy-dropout", dropout],
+                         tmp_path)
+        assert out.returncode == 0, out.stderr
+        lines.append(out.stdout.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and "eval_return 0.0000" not in lines[0], lines

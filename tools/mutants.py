@@ -17,6 +17,7 @@ MUTANTS = [
     ("binned cache range of the latest add only", "shacpp.py", "        self.low = key.min() if first else torch.minimum(self.low, key.min())", "        self.low = key.min()"),
     ("binned cache batches from a ninth of the stored items", "shacpp.py", "stored[torch.randint(len(stored), (batch_size,)", "stored[torch.randint(max(1, len(stored) // 9), (batch_size,)"),
     ("shacpp gradient clip dropped", "shacpp.py", "clip_grad_norm_(policy.parameters(), args.max_grad_norm)", "clip_grad_norm_(policy.parameters(), 1e9)"),
+    ("policy dropout left on in an evaluation", "shacpp.py", "--capture-video)\n        metrics, frames = evaluate(policy.eval(),", "--capture-video)\n        metrics, frames = evaluate(policy,"),
     ("ppo advantage sign", "ppo.py", "torch.max(-adv * ratio, -adv * ratio.clamp(", "torch.max(adv * ratio, adv * ratio.clamp("),
 ]
 only = sys.argv[1:]
