@@ -390,7 +390,7 @@ if __name__ == "__main__":
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
-        metrics, frames = evaluate(policy.eval(), eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+        metrics, frames = evaluate(policy.eval(), eval_env, args.eval_steps, args.stop_return, args.capture_video)
         report_evaluation(args.checkpoint, metrics, frames)
         sys.exit(0)
     run = Run(args, modules, checkpoint, algorithm, __file__)  # caches are not saved: a resumed run refills them
