@@ -102,12 +102,14 @@ class Args:
     samples, seen unclamped"""
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
+    policy_dropout: float = 0.0
+    """dropout in the policy network during training rollouts (the authors' code: 0.1); evaluation switches it off"""
 
     # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
     # besides every count at least 1 and every float above 0
     STRUCTURE: ClassVar = ("scenario", "n_agents", "arch", "dynamics", "world_residual", "num_steps")
     AT_MOST_ONE: ClassVar = ("gamma", "lam", "stop_fraction", "stop_return")
-    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "alpha")
+    MAY_BE_ZERO: ClassVar = ("gamma", "lam", "alpha", "policy_dropout")
 
 
 # ---------------------------------------------------------------- environments (paper section 4; docs/scenarios.md)
@@ -142,27 +144,29 @@ def step(env, action: torch.Tensor):
 class MLP(nn.Module):
     """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         hidden = 32 * n_agents
         self.n_agents, self.out_dim = n_agents, out_dim
-        self.inp = nn.Linear(n_agents * in_dim, hidden)
-        self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
+        self.inp = nn.Sequential(nn.Linear(n_agents * in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.out = nn.Linear(hidden, n_agents * out_dim)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = torch.relu(self.inp(x.flatten(-2)))
+        h = self.inp(x.flatten(-2))
         return self.out(h + self.block(h)).unflatten(-1, (self.n_agents, self.out_dim))
 
 
 class Transformer(nn.Module):
     """One encoder layer over the agents as tokens, full attention, no position embedding (permutation equivariant)."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, d_model: int = 64, ff: int = 128, norm: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Linear(in_dim, d_model)
-        self.norm = nn.LayerNorm(d_model) if norm else nn.Identity()  # norm: a LayerNorm after the embedding
-        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=0.0, batch_first=True)
+        norm = nn.LayerNorm(d_model) if norm else nn.Identity()  # norm: a LayerNorm after the embedding
+        self.norm = nn.Sequential(norm, nn.Dropout(dropout))
+        self.encoder = nn.TransformerEncoderLayer(d_model, 1, ff, dropout=dropout, batch_first=True)
         self.head = nn.Linear(d_model, out_dim)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
@@ -170,8 +174,10 @@ class Transformer(nn.Module):
         return self.head(h).unflatten(0, x.shape[:-2])
 
 
-def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False) -> nn.Module:
-    return MLP(n_agents, in_dim, out_dim) if arch == "mlp" else Transformer(n_agents, in_dim, out_dim, norm=norm)
+def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False, dropout: float = 0.0):
+    if arch == "mlp":
+        return MLP(n_agents, in_dim, out_dim, dropout)
+    return Transformer(n_agents, in_dim, out_dim, norm=norm, dropout=dropout)
 
 
 @torch.no_grad()
@@ -363,7 +369,7 @@ if __name__ == "__main__":
 
     # Algorithm 1, lines 1-4: the policy, value, reward and world networks, and their optimisers
     # transformers with a LayerNorm after the input embedding (norm=True), as the authors' code
-    policy = make_network(args.arch, n, obs_dim, 2, norm=True).to(device)  # the Gaussian's mean (no tanh)
+    policy = make_network(args.arch, n, obs_dim, 2, norm=True, dropout=args.policy_dropout).to(device)  # the Gaussian's mean (no tanh)
     value_model = make_network(args.arch, n, obs_dim, 1, norm=True).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R per agent
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
@@ -483,7 +489,9 @@ if __name__ == "__main__":
 
         # ---- evaluation, checkpoints and early stopping (paper section 4)
         if episode % args.eval_every == 0 or episode == args.episodes:
+            policy.eval()  # no dropout
             metrics, frames = evaluate(policy, eval_env, args.eval_steps, args.stop_return, render=args.capture_video)
+            policy.train()
             run.log_eval(episode, metrics | dict(eval_time=clock(device) - end), frames)
             if metrics["solved_fraction"] >= args.stop_fraction:  # early stop: most environments solved
                 print(f"early stop at episode {episode}: {metrics['solved_fraction']:.0%} of evaluation environments "
