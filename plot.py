@@ -87,8 +87,8 @@ def cells(groups: dict) -> dict:
             configs = {k: dict(k) for k in keys if names[k] == name}
             differing = sorted({a for c in configs.values() for a in c if len({d.get(a) for d in configs.values()})
                                 > 1})
-            names |= {k: name + " " + ",".join(f"{a}={json.loads(c[a])}" for a in differing if a in c)
-                      for k, c in configs.items()}
+            names |= {k: name + " " + ",".join(f"{a}={json.loads(c[a]) if a in c else 'unset'}" for a in differing)
+                      for k, c in configs.items()}  # unset: a run from before the argument existed
         out[cell] = dict(sorted(names.items(), key=lambda kv: kv[1]))
     rank = {s: i for i, s in enumerate(SCENARIOS)}  # an unknown scenario: after the paper's, by name
     return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 4), *kv[0][:2], [*SHOWN].index(kv[0][2]))))
