@@ -103,7 +103,7 @@ class Args:
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
     policy_dropout: float = 0.1
-    """not in the paper (the authors' code, same value): dropout in the policy network while training; off at evaluation"""
+    """not in the paper (the authors' code: the same 0.1): dropout in the policy while training; off at evaluation"""
 
     # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
     # besides every count at least 1 and every float above 0
