@@ -28,6 +28,12 @@ def clock(device) -> float:
     return time.perf_counter()
 
 
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def render_frame(env):
     """Environment 0 drawn by VMAS's renderer, as an (H, W, 3) uint8 array."""
     import matplotlib.cm
@@ -50,17 +56,9 @@ def report_evaluation(checkpoint: str, metrics: dict, frames=None):
         print(f"wrote {os.path.splitext(checkpoint)[0]}.gif")
 
 
-def given_flags(argv: list[str]) -> set[str]:
-    """Field names set on the command line: --n-agents 3, --n-agents=3, --world-residual, --no-world-residual."""
-    names = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
-    return names | {name[3:] for name in names if name.startswith("no_")}
-
-
 def parse_args(Args):
-    """tyro.cli, then the ranges it cannot check: every count at least 1 (but seed and episodes), every float above 0
-    (or at least 0: Args.MAY_BE_ZERO) and at most 1 where Args.AT_MOST_ONE says so. --checkpoint with a run folder
-    (or its last.pt) takes every flag not given from the run's args.json and refuses one of Args.STRUCTURE that
-    contradicts it."""
+    """tyro.cli, then the ranges it cannot check (Args.MAY_BE_ZERO, Args.AT_MOST_ONE). --checkpoint: every flag not
+    given comes from the run's args.json; a given one of Args.STRUCTURE must agree with it."""
     args = tyro.cli(Args)
     if args.checkpoint:
         path = os.path.join(args.checkpoint, "last.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
@@ -69,7 +67,8 @@ def parse_args(Args):
             saved = json.load(open(saved_path)) if os.path.isfile(saved_path) else {}
         except (OSError, ValueError):
             sys.exit(f"error: {saved_path} is not readable JSON")
-        given, updates = given_flags(sys.argv[1:]), {}
+        given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
+        given, updates = given | {name[3:] for name in given if name.startswith("no_")}, {}  # --no-world-residual
         for name in (f.name for f in fields(args) if f.name != "checkpoint" and f.name in saved):
             if name not in given:
                 updates[name] = saved[name]
@@ -88,24 +87,8 @@ def parse_args(Args):
     return args
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict:
-    """Python, NumPy, torch and VMAS's own random states (NumPy's as lists, so weights_only loading works)."""
-    plain = lambda s: (s[0], s[1].tolist(), *s[2:])  # noqa: E731
-    vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
-    return dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                vmas=(vmas_torch, plain(vmas_numpy), vmas_python))
-
-
 def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
-    """Networks, optimisers and random states into `modules`, once the checkpoint is readable and was written by
-    `algorithm` with the same Args.STRUCTURE."""
+    """Networks, optimisers and random states into `modules`, from a checkpoint of `algorithm` and Args.STRUCTURE."""
     if not os.path.isfile(path):
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
@@ -123,7 +106,7 @@ def load_checkpoint(path: str, args, modules: dict, algorithm: str) -> dict:
             module.load_state_dict(state[name])
     except (KeyError, RuntimeError, ValueError) as e:  # e.g. networks of another size
         sys.exit(f"error: checkpoint {path} does not fit these networks: {' '.join(str(e).split())}")
-    array = lambda s: (s[0], np.array(s[1], dtype=np.uint32), *s[2:])  # noqa: E731
+    array = lambda s: (s[0], np.array(s[1], dtype=np.uint32), *s[2:])  # noqa: E731  (NumPy's state, saved as a list)
     random.setstate(rng["python"])
     np.random.set_state(array(rng["numpy"]))
     torch.set_rng_state(rng["torch"])
@@ -196,8 +179,7 @@ class Run:
         resume = self.episode if checkpoint else None
         self.train_log = CSVLog(os.path.join(self.dir, "train.csv"), resume)
         self.eval_log = CSVLog(os.path.join(self.dir, "eval.csv"), resume)
-        self.start, self.last_print = time.time() - state["elapsed"], 0.0
-        self.last_save = time.time()
+        self.start, self.last_print, self.last_save = time.time() - state["elapsed"], 0.0, time.time()
         self.stop_signal, self.guard = None, NonFiniteGuard()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.on_signal)
@@ -208,9 +190,14 @@ class Run:
         print(f"{self.stop_signal.name}: stopping within seconds (again to abort at once)", flush=True)
 
     def save(self, name: str, episode: int):
-        """A checkpoint, written to a temporary file and renamed, so a kill never leaves a broken one."""
+        """A checkpoint with every random state, written to a temporary file and renamed (a kill leaves no broken one)."""
+        plain = lambda s: (s[0], s[1].tolist(), *s[2:])  # noqa: E731  (NumPy's states as lists: weights_only loads)
+        vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
+        rng = dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                   vmas=(vmas_torch, plain(vmas_numpy), vmas_python))
         state = dict(algorithm=self.algorithm, **{k: getattr(self.args, k) for k in self.args.STRUCTURE},
-                     episode=episode, best=self.best, elapsed=time.time() - self.start, rng=rng_states(),
+                     episode=episode, best=self.best, elapsed=time.time() - self.start, rng=rng,
                      **{name: module.state_dict() for name, module in self.modules.items()})
         path = os.path.join(self.dir, name)
         torch.save(state, path + ".tmp")
@@ -226,9 +213,8 @@ class Run:
         if now - self.last_save > CHECKPOINT_SECONDS:
             self.save("last.pt", episode)
         if now - self.last_print > 5:
-            best = f"best eval {self.best:.3f}" if self.best > -math.inf else "no eval yet"
             print(f"episode {episode}/{self.args.episodes} | {(now - self.start) / 60:.1f} min | train return "
-                  f"{row['train_return']:.3f} | {best}", flush=True)
+                  f"{row['train_return']:.3f} | best eval {self.best:.3f}", flush=True)  # -inf: none yet
             self.last_print = now
 
     def log_eval(self, episode: int, metrics: dict, frames=None):

@@ -299,7 +299,17 @@ def test_shac_runs_with_no_scenario_given(tmp_path):
     assert len(read_csv(tmp_path / "run" / "eval.csv")) == 1
 
 
-def test_given_flags():
+def test_resume_flags(tmp_path, monkeypatch):
+    """--checkpoint: a flag given (as --flag value, --flag=value or --no-flag) wins, every other comes from args.json,
+    and a given one of Args.STRUCTURE that contradicts the run ends with one line."""
     import bookkeeping
-    assert bookkeeping.given_flags(["--n-agents", "3", "--arch=mlp", "--no-world-residual", "x"]) == {
-        "n_agents", "arch", "no_world_residual", "world_residual"}
+    import shacpp
+    saved = dict(n_agents=3, learning_rate=0.5, seed=7, world_residual=True, arch="transformer")
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    argv = ["shacpp.py", "--checkpoint", str(tmp_path), "--seed", "8", "--learning-rate=0.25", "--arch", "transformer"]
+    monkeypatch.setattr(sys, "argv", argv)
+    args = bookkeeping.parse_args(shacpp.Args)
+    assert (args.seed, args.learning_rate, args.n_agents, args.world_residual) == (8, 0.25, 3, True)
+    monkeypatch.setattr(sys, "argv", argv + ["--no-world-residual"])
+    with pytest.raises(SystemExit, match="--world-residual False contradicts the checkpoint's run"):
+        bookkeeping.parse_args(shacpp.Args)
