@@ -9,12 +9,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-import matplotlib
+import matplotlib.pyplot as plt
+import tyro
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import tyro  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+plt.switch_backend("Agg")  # files only, no display
 
 SCENARIOS = ("dispersion", "transport", "discovery", "sampling")  # the paper's order
 ALGORITHMS = {"ppo": ("PPO/MAPPO", "tab:blue"), "shac": ("SHAC", "tab:green"), "shac+": ("SHAC+", "tab:orange"),
@@ -44,12 +43,10 @@ class Args:
 
 
 def find_runs(paths) -> list[str]:
-    runs = []
     for path in paths:
         if not os.path.isdir(path):
             sys.exit(f"error: {path} is not a folder")
-        runs += sorted(root for root, _, files in os.walk(path) if "args.json" in files)
-    return runs
+    return [run for path in paths for run in sorted(root for root, _, files in os.walk(path) if "args.json" in files)]
 
 
 def column(args: dict) -> str:
@@ -62,12 +59,9 @@ def group(runs: list[str]) -> dict:
     floats). A run with no evaluation yet is skipped; a partial last line (a run still writing) is left out."""
     groups = defaultdict(list)
     for run in runs:
-        with open(os.path.join(run, "args.json")) as f:
-            args = json.load(f)
-        rows, path = [], os.path.join(run, "eval.csv")
-        if os.path.exists(path):
-            with open(path) as f:
-                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if None not in row.values()]
+        args, path = json.load(open(os.path.join(run, "args.json"))), os.path.join(run, "eval.csv")
+        reader = csv.DictReader(open(path)) if os.path.exists(path) else []
+        rows = [{k: float(v) for k, v in row.items()} for row in reader if None not in row.values()]
         if not rows:
             print(f"skipping {run}: no evaluation yet", file=sys.stderr)
         elif column(args) in SHOWN:
@@ -147,7 +141,7 @@ def plot(groups: dict, x: str, out: str):
                              squeeze=False)
     used = set()  # algorithms, references and architectures drawn: the legend's entries
     for ax, (scenario, n) in zip(axes.flat, itertools.product(scenarios, counts)):
-        here, notes = [(c, names) for (s, m, c), names in by_cell.items() if (s, m) == (scenario, n)], []
+        here = [(c, names) for (s, m, c), names in by_cell.items() if (s, m) == (scenario, n)]
         if not here:
             ax.axis("off")  # no run: a blank panel
             continue
@@ -165,9 +159,8 @@ def plot(groups: dict, x: str, out: str):
                 ax.plot(xs, means, STYLES.get(args["arch"], "-"), color=colour, linewidth=1.5, marker=marker,
                         markersize=4, label=label + f" [{tag}]" * (len(twins) > 1))
                 ax.fill_between(xs, lows, highs, color=colour, alpha=0.12, linewidth=0)
-                notes += [(means[-1], xs[-1], tag, colour)] * (len(twins) > 1)
-        for y, end, tag, colour in notes:  # which configuration: its name at its curve's end
-            ax.text(end, y, tag, ha="right", va="bottom", fontsize=6.5, color=colour)
+                if len(twins) > 1:  # which configuration: its name at its curve's end
+                    ax.text(xs[-1], means[-1], tag, ha="right", va="bottom", fontsize=6.5, color=colour)
         ax.set(title=f"{scenario}, {n} agent{'s' * (n > 1)}", xlabel=XAXIS[x][1], ylabel="normalized return",
                ylim=(min(ax.get_ylim()[0], -0.02), max(ax.get_ylim()[1], 1.05)))  # the solved level stays in view
         ax.grid(alpha=0.3)
