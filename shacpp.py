@@ -142,20 +142,32 @@ def step(env, action: torch.Tensor):
 
 # ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
-    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block;
-    dropout (active in train mode) after the hidden layer and the block."""
+    """scratch: MLP_VARIANT env: '' ours; 'norm' LayerNorm after the first layer (when norm); 'authors' their layout."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0, norm: bool = False):
         super().__init__()
         hidden = 32 * n_agents
+        self.variant = os.environ.get("MLP_VARIANT", "") if norm else ""
         self.n_agents, self.out_dim = n_agents, out_dim
         self.inp = nn.Linear(n_agents * in_dim, hidden)
         self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
         self.out = nn.Linear(hidden, n_agents * out_dim)
         self.drop = nn.Dropout(dropout)
+        if self.variant:
+            self.first_norm = nn.LayerNorm(hidden)
+        if self.variant == "authors":
+            self.block = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
+            self.post_norm = nn.LayerNorm(hidden)
+            self.out = nn.Linear(hidden, n_agents * out_dim, bias=False)
+            nn.init.orthogonal_(self.out.weight, 1.141)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = self.drop(torch.relu(self.inp(x.flatten(-2))))
+        if self.variant == "authors":
+            h = self.drop(self.first_norm(torch.relu(self.inp(x.flatten(-2)))))
+            h = self.post_norm(h + self.drop(self.block(h)))
+            return self.out(h).unflatten(-1, (self.n_agents, self.out_dim))
+        h = torch.relu(self.inp(x.flatten(-2)))
+        h = self.drop(self.first_norm(h) if self.variant else h)
         return self.out(h + self.drop(self.block(h))).unflatten(-1, (self.n_agents, self.out_dim))
 
 
@@ -179,7 +191,7 @@ class Transformer(nn.Module):
 
 def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False, dropout: float = 0.0):
     if arch == "mlp":
-        return MLP(n_agents, in_dim, out_dim, dropout)
+        return MLP(n_agents, in_dim, out_dim, dropout, norm)
     return Transformer(n_agents, in_dim, out_dim, norm=norm, dropout=dropout)
 
 
