@@ -396,7 +396,8 @@ if __name__ == "__main__":
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
     if not shac_plus:
-        world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
+        world_model = WorldModel(n, obs_dim, T, ff=int(os.environ.get("WORLD_FF", 128)),
+                                 residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
         world_cache = BinnedCache(args.world_cache, args.world_bins, device)
         modules |= dict(world_model=world_model, world_opt=world_opt)
@@ -448,6 +449,9 @@ if __name__ == "__main__":
         # ---- binned caches (paper section 3) of the live environments' real data; value targets on real states
         with torch.no_grad():
             values = value_model(obs_buf).squeeze(-1)  # V(s_0)..V(s_T)
+            if os.environ.get("VALUE_TARGETS") == "predicted" and not shac_plus:  # scratch: V of s^_1..s^_T
+                predicted = world_model(obs_buf[0], executed.transpose(0, 1)).transpose(0, 1)
+                values = torch.cat([values[:1], value_model(predicted).squeeze(-1)])
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
             live, alive = alive_buf[0], alive_buf
             team_rewards = rew_buf.sum(-1) * alive  # (T, N)
