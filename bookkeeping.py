@@ -190,7 +190,7 @@ class Run:
         print(f"{self.stop_signal.name}: stopping within seconds (again to abort at once)", flush=True)
 
     def save(self, name: str, episode: int):
-        """A checkpoint with every random state, written to a temporary file and renamed (a kill leaves no broken one)."""
+        """A checkpoint with every random state, written to a temporary file and renamed: a kill leaves none broken."""
         plain = lambda s: (s[0], s[1].tolist(), *s[2:])  # noqa: E731  (NumPy's states as lists: weights_only loads)
         vmas_torch, vmas_numpy, vmas_python = VmasEnvironment.vmas_random_state
         rng = dict(python=random.getstate(), numpy=plain(np.random.get_state()), torch=torch.get_rng_state(),
@@ -213,8 +213,9 @@ class Run:
         if now - self.last_save > CHECKPOINT_SECONDS:
             self.save("last.pt", episode)
         if now - self.last_print > 5:
+            best = f"best eval {self.best:.3f}" if self.best > -math.inf else "no eval yet"
             print(f"episode {episode}/{self.args.episodes} | {(now - self.start) / 60:.1f} min | train return "
-                  f"{row['train_return']:.3f} | best eval {self.best:.3f}", flush=True)  # -inf: none yet
+                  f"{row['train_return']:.3f} | {best}", flush=True)
             self.last_print = now
 
     def log_eval(self, episode: int, metrics: dict, frames=None):

@@ -43,10 +43,12 @@ class Args:
 
 
 def find_runs(paths) -> list[str]:
+    runs = []
     for path in paths:
         if not os.path.isdir(path):
             sys.exit(f"error: {path} is not a folder")
-    return [run for path in paths for run in sorted(root for root, _, files in os.walk(path) if "args.json" in files)]
+        runs += sorted(root for root, _, files in os.walk(path) if "args.json" in files)
+    return runs
 
 
 def column(args: dict) -> str:
