@@ -263,6 +263,8 @@ class BinnedCache:
         return ((key - self.low) / width * self.bins).floor().clamp(0, self.bins - 1).long()
 
     def add(self, key, **items):
+        if os.environ.get("CACHE") == "authors":  # scratch: the authors' bin_dispatch
+            return self.add_authors(key, **items)
         if not bool(torch.isfinite(key).all()):
             raise ValueError("BinnedCache: refusing a non-finite key (a NaN or infinite reward or value target)")
         m, first = key.shape[0], self.added == 0
@@ -286,6 +288,22 @@ class BinnedCache:
             self.data[name][slots] = value[new]
         self.key[slots], self.stamp[slots] = key[new], stamp[self.capacity:][new]
         self.added += m
+
+    def add_authors(self, key, **items):
+        first = self.added == 0
+        self.low = key.min() if first else torch.minimum(self.low, key.min())
+        self.high = key.max() if first else torch.maximum(self.high, key.max())
+        b = ((key - self.low) / (self.high - self.low + 1e-5) * (self.bins - 1)).round().long()
+        slots = b * self.per_bin + torch.randint(self.per_bin, (key.shape[0],), device=self.device)
+        for name, value in items.items():
+            if name not in self.data:
+                self.data[name] = torch.zeros(self.capacity, *value.shape[1:], dtype=value.dtype, device=self.device)
+            self.data[name][slots] = value
+        self.stamp[slots] = self.added + torch.arange(key.shape[0], device=self.device)
+        self.added += key.shape[0]
+
+    def stored_slots(self):
+        return (self.stamp >= 0).nonzero().squeeze(1)
 
     def __len__(self):
         return int((self.stamp >= 0).sum())
@@ -318,6 +336,8 @@ def imagine(world_model, reward_model, value_model, obs, actions):
     differentiable trajectory, used as s^."""
     if world_model is not None:
         obs = torch.cat([obs[:1], world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)])
+    if os.environ.get("BOOT") == "authors":
+        return reward_model(obs[:-1], actions, obs[1:]), value_model(obs[1:]).squeeze(-1)
     return reward_model(obs[:-1], actions, obs[1:]), value_model(obs[-1]).squeeze(-1)  # (T, N, n), (N, n)
 
 
@@ -329,9 +349,16 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
     discount = args.gamma ** torch.arange(T, device=rewards.device)
     # sum_t gamma^t r_t + gamma^T V(s_T): no reward after a termination, and no bootstrap if the window terminated
     ret = (discount[:, None, None] * rewards * alive[..., None]).sum(0)
-    ret = ret + args.gamma ** T * last_value * ~terminated.any(0)[:, None]
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
+    if os.environ.get("BOOT") == "authors":  # scratch: last_value is V(s^_1..s^_T) here, (T, N, n)
+        k = (alive.sum(0) - 1).clamp(min=0)  # last live step
+        ret = ret + args.gamma ** k[:, None] * last_value.gather(0, k[None, :, None].expand(1, N, n))[0]
+        denominator = N * (T + 1)
+        window_return = (ret.sum(-1) * live).sum() / denominator
+        penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (live.sum().clamp(min=1) * n * T * 2)
+        return -window_return + args.alpha * penalty, dict(window_return=window_return.detach(), penalty=penalty.detach())
+    ret = ret + args.gamma ** T * last_value * ~terminated.any(0)[:, None]
     window_return = (ret.sum(-1) * live).sum() / denominator
     penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # over live steps
     loss = -window_return + args.alpha * penalty
@@ -340,6 +367,16 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
 
 def minibatches(cache: BinnedCache, args: Args, run: Run):
     """model_epochs passes' worth of minibatches drawn from the cache; a stop signal ends them early."""
+    if os.environ.get("PASSES") == "1":  # scratch: shuffled full passes, as the authors' DataLoader
+        for _ in range(args.model_epochs):
+            stored = cache.stored_slots()
+            perm = stored[torch.randperm(len(stored), device=stored.device)]
+            for i in range(0, len(perm), args.model_minibatch):
+                if run.stop_signal:
+                    return
+                slot = perm[i:i + args.model_minibatch]
+                yield {name: value[slot] for name, value in cache.data.items()}
+        return
     for _ in range(args.model_epochs * math.ceil(len(cache) / args.model_minibatch)):
         if run.stop_signal:
             return
@@ -384,7 +421,7 @@ if __name__ == "__main__":
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
     if not shac_plus:
-        world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
+        world_model = WorldModel(n, obs_dim, T, ff=int(os.environ.get("WORLD_FF", 128)), residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
         world_cache = BinnedCache(args.world_cache, args.world_bins, device)
         modules |= dict(world_model=world_model, world_opt=world_opt)
