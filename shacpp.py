@@ -227,6 +227,8 @@ class WorldModel(nn.Module):
         tokens = torch.cat([self.embed_obs(obs0).unsqueeze(1), self.embed_action(actions)], 1)
         tokens = self.norm(tokens + self.step_embedding)  # (B, T + 1, agents, d)
         h = self.encoder(tokens.flatten(1, 2), mask=self.mask).unflatten(1, tokens.shape[1:3])
+        if os.environ.get("S0") == "recon":  # scratch: s^_0 predicted too, as the authors' world model
+            return self.head(h) + (obs0.unsqueeze(1) if self.residual else 0)
         return self.head(h[:, 1:]) + (obs0.unsqueeze(1) if self.residual else 0)
 
 
@@ -335,7 +337,10 @@ def imagine(world_model, reward_model, value_model, obs, actions):
     v^ = V(s^_T). obs (T + 1, N, n, o), actions (T, N, n, 2). SHAC+ (world_model None): obs is the simulator's own
     differentiable trajectory, used as s^."""
     if world_model is not None:
-        obs = torch.cat([obs[:1], world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)])
+        if os.environ.get("S0") == "recon":
+            obs = world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)
+        else:
+            obs = torch.cat([obs[:1], world_model(obs[0], actions.transpose(0, 1)).transpose(0, 1)])
     if os.environ.get("BOOT") == "authors":
         return reward_model(obs[:-1], actions, obs[1:]), value_model(obs[1:]).squeeze(-1)
     return reward_model(obs[:-1], actions, obs[1:]), value_model(obs[-1]).squeeze(-1)  # (T, N, n), (N, n)
@@ -511,7 +516,8 @@ if __name__ == "__main__":
                 if run.guard.finite(reward_loss):
                     reward_opt.step()
             for batch in (minibatches(world_cache, args, run) if not shac_plus else []):  # L_F: s^_1..s^_T against s
-                world_loss = ((world_model(batch["obs"][:, 0], batch["actions"]) - batch["obs"][:, 1:]) ** 2).mean()
+                target = batch["obs"] if os.environ.get("S0") == "recon" else batch["obs"][:, 1:]
+                world_loss = ((world_model(batch["obs"][:, 0], batch["actions"]) - target) ** 2).mean()
                 world_opt.zero_grad(set_to_none=True)
                 world_loss.backward()
                 if run.guard.finite(world_loss):
