@@ -142,20 +142,32 @@ def step(env, action: torch.Tensor):
 
 # ---------------------------------------------------------------- networks (paper section 4 and appendix B)
 class MLP(nn.Module):
-    """Centralised MLP: all agents' inputs concatenated, one hidden layer of width 32 n with a residual block;
-    dropout (active in train mode) after the hidden layer and the block."""
+    """scratch: MLP_VARIANT env: '' ours; 'norm' LayerNorm after the first layer (when norm); 'authors' their layout."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, dropout: float = 0.0, norm: bool = False):
         super().__init__()
         hidden = 32 * n_agents
+        self.variant = os.environ.get("MLP_VARIANT", "") if norm else ""
         self.n_agents, self.out_dim = n_agents, out_dim
         self.inp = nn.Linear(n_agents * in_dim, hidden)
         self.block = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU())
         self.out = nn.Linear(hidden, n_agents * out_dim)
         self.drop = nn.Dropout(dropout)
+        if self.variant:
+            self.first_norm = nn.LayerNorm(hidden)
+        if self.variant == "authors":
+            self.block = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
+            self.post_norm = nn.LayerNorm(hidden)
+            self.out = nn.Linear(hidden, n_agents * out_dim, bias=False)
+            nn.init.orthogonal_(self.out.weight, 1.141)
 
     def forward(self, x):  # (..., agents, in_dim) -> (..., agents, out_dim)
-        h = self.drop(torch.relu(self.inp(x.flatten(-2))))
+        if self.variant == "authors":
+            h = self.drop(self.first_norm(torch.relu(self.inp(x.flatten(-2)))))
+            h = self.post_norm(h + self.drop(self.block(h)))
+            return self.out(h).unflatten(-1, (self.n_agents, self.out_dim))
+        h = torch.relu(self.inp(x.flatten(-2)))
+        h = self.drop(self.first_norm(h) if self.variant else h)
         return self.out(h + self.drop(self.block(h))).unflatten(-1, (self.n_agents, self.out_dim))
 
 
@@ -179,7 +191,7 @@ class Transformer(nn.Module):
 
 def make_network(arch: str, n_agents: int, in_dim: int, out_dim: int, norm: bool = False, dropout: float = 0.0):
     if arch == "mlp":
-        return MLP(n_agents, in_dim, out_dim, dropout)
+        return MLP(n_agents, in_dim, out_dim, dropout, norm)
     return Transformer(n_agents, in_dim, out_dim, norm=norm, dropout=dropout)
 
 
@@ -414,7 +426,9 @@ if __name__ == "__main__":
 
     # Algorithm 1, lines 1-4: the policy, value, reward and world networks, and their optimisers
     # transformers with a LayerNorm after the input embedding (norm=True), as the authors' code
-    policy = make_network(args.arch, n, obs_dim, 2, norm=True, dropout=args.policy_dropout).to(device)  # mean (no tanh)
+    policy = make_network(args.arch, n, obs_dim, 2, norm=True, dropout=args.policy_dropout).to(device)
+    if os.environ.get("TANH") == "1":  # scratch: tanh on the mean, as the authors' MLP policy
+        policy = nn.Sequential(policy, nn.Tanh()).to(device)  # mean (no tanh)
     value_model = make_network(args.arch, n, obs_dim, 1, norm=True).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R per agent
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
