@@ -492,6 +492,10 @@ if __name__ == "__main__":
         # ---- binned caches (paper section 3) of the live environments' real data; value targets on real states
         with torch.no_grad():
             values = value_model(obs_buf).squeeze(-1)  # V(s_0)..V(s_T)
+            if os.environ.get("VALUE_TARGETS") == "predicted" and not shac_plus:  # scratch: V of s^_1..s^_T
+                predicted = world_model(obs_buf[0], executed.transpose(0, 1)).transpose(0, 1)
+                predicted = predicted[-T:]  # S0=recon: s^_0 first
+                values = torch.cat([values[:1], value_model(predicted).squeeze(-1)])
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
             live, alive = alive_buf[0], alive_buf
             team_rewards = rew_buf.sum(-1) * alive  # (T, N)
