@@ -505,14 +505,14 @@ if __name__ == "__main__":
             reward_cache.add(team_rewards[alive], obs=obs_buf[:-1][alive], actions=executed[alive],
                              next_obs=obs_buf[1:][alive], rewards=rew_buf[alive])
             if os.environ.get("VALUE_AUTHORS") == "1":  # scratch: the authors' value targets and pairing
-                done = (~alive_buf).float()[..., None].expand_as(rew_buf)  # done before step t, as their dones[t]
+                gone = (~alive_buf).float()[..., None].expand_as(rew_buf)  # done before step t, as their dones[t]
                 a_, b_, lam_ = (torch.zeros_like(rew_buf[0]), torch.zeros_like(rew_buf[0]), torch.ones_like(rew_buf[0]))
                 targets = torch.zeros_like(rew_buf)
                 for i in reversed(range(T)):  # their recursion, on V(s_{t+1}) = values[1:]
-                    lam_ = args.lam * lam_ * (1 - done[i]) + done[i]
-                    a_ = (1 - done[i]) * (args.lam * args.gamma * a_ + args.gamma * values[i + 1]
+                    lam_ = args.lam * lam_ * (1 - gone[i]) + gone[i]
+                    a_ = (1 - gone[i]) * (args.lam * args.gamma * a_ + args.gamma * values[i + 1]
                                           + (1 - lam_) / (1 - args.lam) * rew_buf[i])
-                    b_ = args.gamma * (values[i + 1] * done[i] + b_ * (1 - done[i])) + rew_buf[i]
+                    b_ = args.gamma * (values[i + 1] * gone[i] + b_ * (1 - gone[i])) + rew_buf[i]
                     targets[i] = (1 - args.lam) * a_ + lam_ * b_
                 value_cache.add(targets.sum(-1)[alive], obs=obs_buf[1:][alive], targets=targets[alive])  # s_{t+1}
             else:
