@@ -13,3 +13,8 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out of the fast subset (python -m pytest -m 'not slow')")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test first, so that with -n 2 one worker runs it while the other runs the rest."""
+    items.sort(key=lambda item: item.name != "test_shacpp_learns_dispersion")  # a stable sort keeps the rest in order
