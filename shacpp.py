@@ -276,7 +276,16 @@ class BinnedCache:
         sorted_bins = b[order]
         rank = torch.arange(len(order), device=self.device) - torch.searchsorted(sorted_bins, sorted_bins)
         keep = torch.zeros_like(b, dtype=torch.bool)
-        keep[order] = (rank < self.per_bin) & (sorted_bins < self.bins)
+        if os.environ.get("CACHE_LEND") == "1" or (os.environ.get("CACHE_LEND") == "world" and getattr(self, "is_world", False)):  # EXPERIMENT: water-filling quotas, empty bins lend their room
+            counts = torch.bincount(b, minlength=self.bins + 1)[:self.bins]
+            lo, hi = 0, self.capacity
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if int(counts.clamp(max=mid).sum()) <= self.capacity else (lo, mid - 1)
+            quota = torch.cat([torch.full((self.bins,), lo, device=self.device), torch.zeros(1, dtype=torch.long, device=self.device)])
+            keep[order] = rank < quota[sorted_bins]
+        else:
+            keep[order] = (rank < self.per_bin) & (sorted_bins < self.bins)
         self.stamp[~keep[:self.capacity]] = -1  # evicted: the oldest of an overfull bin
         new = keep[self.capacity:]
         slots = (self.stamp < 0).nonzero().squeeze(1)[:int(new.sum())]  # there is always room: kept <= capacity
@@ -338,9 +347,9 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
     return loss, dict(window_return=window_return.detach(), penalty=penalty.detach())
 
 
-def minibatches(cache: BinnedCache, args: Args, run: Run):
+def minibatches(cache: BinnedCache, args: Args, run: Run, epochs=None):
     """model_epochs passes' worth of minibatches drawn from the cache; a stop signal ends them early."""
-    for _ in range(args.model_epochs * math.ceil(len(cache) / args.model_minibatch)):
+    for _ in range((epochs or args.model_epochs) * math.ceil(len(cache) / args.model_minibatch)):
         if run.stop_signal:
             return
         yield cache.sample(args.model_minibatch)
@@ -387,6 +396,7 @@ if __name__ == "__main__":
         world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
         world_cache = BinnedCache(args.world_cache, args.world_bins, device)
+        world_cache.is_world = True
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
@@ -473,7 +483,7 @@ if __name__ == "__main__":
                 reward_loss.backward()
                 if run.guard.finite(reward_loss):
                     reward_opt.step()
-            for batch in (minibatches(world_cache, args, run) if not shac_plus else []):  # L_F: s^_1..s^_T against s
+            for batch in (minibatches(world_cache, args, run, int(os.environ.get("WORLD_EPOCHS", 0))) if not shac_plus else []):  # L_F: s^_1..s^_T against s
                 world_loss = ((world_model(batch["obs"][:, 0], batch["actions"]) - batch["obs"][:, 1:]) ** 2).mean()
                 world_opt.zero_grad(set_to_none=True)
                 world_loss.backward()
