@@ -276,7 +276,7 @@ class BinnedCache:
         sorted_bins = b[order]
         rank = torch.arange(len(order), device=self.device) - torch.searchsorted(sorted_bins, sorted_bins)
         keep = torch.zeros_like(b, dtype=torch.bool)
-        if os.environ.get("CACHE_LEND") == "1" or (os.environ.get("CACHE_LEND") == "world" and getattr(self, "is_world", False)):  # EXPERIMENT: water-filling quotas, empty bins lend their room
+        if os.environ.get("CACHE_LEND") == "1" or os.environ.get("CACHE_LEND") == getattr(self, "name", None):  # EXPERIMENT: water-filling quotas, empty bins lend their room
             counts = torch.bincount(b, minlength=self.bins + 1)[:self.bins]
             lo, hi = 0, self.capacity
             while lo < hi:
@@ -389,6 +389,7 @@ if __name__ == "__main__":
     reward_opt = torch.optim.Adam(reward_model.parameters(), lr=args.learning_rate, fused=True)
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
     value_cache = BinnedCache(args.value_cache, args.value_bins, device)
+    reward_cache.name, value_cache.name = "reward", "value"
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
@@ -396,7 +397,7 @@ if __name__ == "__main__":
         world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
         world_cache = BinnedCache(args.world_cache, args.world_bins, device)
-        world_cache.is_world = True
+        world_cache.name = "world"
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)
