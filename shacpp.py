@@ -104,6 +104,8 @@ class Args:
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
     policy_dropout: float = 0.1
     """not in the paper (the authors' code: the same 0.1): dropout in the policy while training; off at evaluation"""
+    cache_share: bool = False
+    """not in the paper: a cache's bins may fill the room that emptier bins leave (the fullest drops its oldest)"""
 
     # for bookkeeping.py: what a checkpoint must share with the run that loads it; the ranges parse_args checks
     # besides every count at least 1 and every float above 0
@@ -247,10 +249,11 @@ class BinnedCache:
     """Replay cache split into `bins` bins over the range of every key it has been given (paper section 3), so that
     rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own. Each bin holds the
     newest capacity // bins items whose key falls in it under the current range (bins are recomputed at every add);
-    batches are uniform over the stored items, so the binning decides what is kept. A non-finite key is refused."""
+    with `share` (not in the paper) a bin may also fill the room that emptier bins leave: when the cache is full, the
+    fullest bin gives up its oldest item. Batches are uniform over the stored items. A non-finite key is refused."""
 
-    def __init__(self, capacity: int, bins: int, device):
-        self.bins, self.per_bin, self.device = bins, capacity // bins, device
+    def __init__(self, capacity: int, bins: int, device, share: bool = False):
+        self.bins, self.per_bin, self.device, self.share = bins, capacity // bins, device, share
         self.capacity = bins * self.per_bin
         self.data = {}  # name -> (capacity, ...) tensor, allocated by the first add
         self.key = torch.zeros(self.capacity, device=device)  # key of each slot
@@ -261,6 +264,15 @@ class BinnedCache:
     def bin_of(self, key):  # every key lies in [low, high]; while all keys are equal, all share bin 0
         width = (self.high - self.low).clamp(min=1e-8)
         return ((key - self.low) / width * self.bins).floor().clamp(0, self.bins - 1).long()
+
+    def quota(self, counts) -> int:
+        """Items each bin keeps: capacity // bins, or with `share` the largest level L at which every bin's
+        min(count, L) fits the capacity together."""
+        low, high = self.per_bin, self.capacity if self.share else self.per_bin
+        while low < high:  # bisection on L
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if int(counts.clamp(max=mid).sum()) <= self.capacity else (low, mid - 1)
+        return low
 
     def add(self, key, **items):
         if not bool(torch.isfinite(key).all()):
@@ -276,7 +288,7 @@ class BinnedCache:
         sorted_bins = b[order]
         rank = torch.arange(len(order), device=self.device) - torch.searchsorted(sorted_bins, sorted_bins)
         keep = torch.zeros_like(b, dtype=torch.bool)
-        keep[order] = (rank < self.per_bin) & (sorted_bins < self.bins)
+        keep[order] = (rank < self.quota(torch.bincount(b)[:self.bins])) & (sorted_bins < self.bins)
         self.stamp[~keep[:self.capacity]] = -1  # evicted: the oldest of an overfull bin
         new = keep[self.capacity:]
         slots = (self.stamp < 0).nonzero().squeeze(1)[:int(new.sum())]  # there is always room: kept <= capacity
@@ -378,15 +390,15 @@ if __name__ == "__main__":
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     value_opt = torch.optim.Adam(value_model.parameters(), lr=args.learning_rate, fused=True)
     reward_opt = torch.optim.Adam(reward_model.parameters(), lr=args.learning_rate, fused=True)
-    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
-    value_cache = BinnedCache(args.value_cache, args.value_bins, device)
+    reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device, args.cache_share)
+    value_cache = BinnedCache(args.value_cache, args.value_bins, device, args.cache_share)
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
                    policy_opt=policy_opt, value_opt=value_opt, reward_opt=reward_opt)
     world_model = None  # SHAC+ has none
     if not shac_plus:
         world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
         world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
-        world_cache = BinnedCache(args.world_cache, args.world_bins, device)
+        world_cache = BinnedCache(args.world_cache, args.world_bins, device, args.cache_share)
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
     if args.episodes == 0:  # evaluation only (and a GIF with --capture-video)

@@ -162,6 +162,21 @@ def test_binned_cache_common_key_stays_in_one_bin_as_the_range_widens():
     # the first version left zeros in 3 bins and 300 of them in the cache here
 
 
+def test_binned_cache_share_fills_empty_room_and_keeps_rare_items():
+    """--cache-share: the bins a rare key leaves empty lend their room to the common key, so the cache fills up
+    (the paper's equal bins hold 110 here); when it is full the fullest bin drops its oldest, never a rare item."""
+    shared, equal = shacpp.BinnedCache(900, 9, "cpu", share=True), shacpp.BinnedCache(900, 9, "cpu")
+    for cache in (shared, equal):
+        cache.add(torch.full((10,), 1.0), x=torch.full((10,), -1.0))
+        for i in range(20):
+            cache.add(torch.zeros(900), x=torch.full((900,), float(i)))
+    assert len(equal) == 110 and len(shared) == 900 and (stored_keys(shared) == 1).sum() == 10
+    assert sorted(shared.data["x"][shared.stamp >= 0].unique().tolist()) == [-1.0, 19.0]  # the newest 890 zeros
+    shared.add(torch.full((500,), 0.5), x=torch.full((500,), 0.5))  # a third key: the zeros' bin shrinks to make room
+    assert len(shared) == 900 and (stored_keys(shared) == 1).sum() == 10 and (stored_keys(shared) == 0.5).sum() == 445
+    assert (stored_keys(shared) == 0).sum() == 445
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_binned_cache_refuses_non_finite_keys(bad):
     cache = shacpp.BinnedCache(90, 9, "cpu")
