@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -68,14 +68,13 @@ def parse_args(Args):
         except (OSError, ValueError):
             sys.exit(f"error: {saved_path} is not readable JSON")
         given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
-        given, updates = given | {name[3:] for name in given if name.startswith("no_")}, {}  # --no-world-residual
-        for name in (f.name for f in fields(args) if f.name != "checkpoint" and f.name in saved):
-            if name not in given:
-                updates[name] = saved[name]
-            elif name in Args.STRUCTURE and getattr(args, name) != saved[name]:
-                sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
-                         f"({saved[name]} in {saved_path}); leave the flag out")
-        args = replace(args, checkpoint=path, **updates)
+        given |= {name[3:] for name in given if name.startswith("no_")}  # --no-world-residual
+        for name in (f.name for f in fields(args) if f.name in saved and f.name not in given | {"checkpoint"}):
+            setattr(args, name, saved[name])
+        for name in (n for n in Args.STRUCTURE if n in saved and n in given and getattr(args, n) != saved[n]):
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
+                     f"({saved[name]} in {saved_path}); leave the flag out")
+        args.checkpoint = path
     for name, value in asdict(args).items():
         flag, zero, high = "--" + name.replace("_", "-"), name in Args.MAY_BE_ZERO, name in Args.AT_MOST_ONE
         if type(value) is int and name not in ("seed", "episodes") and value < 1:  # counts, sizes and intervals
@@ -127,24 +126,11 @@ def provenance(script: str) -> dict:
     return dict(script=os.path.basename(script), git_commit=commit, torch=torch.__version__, vmas=vmas.__version__)
 
 
-class CSVLog:
-    """Appends rows to a CSV file whose columns the first row fixes. Resuming at episode k keeps the rows up to k."""
-
-    def __init__(self, path: str, resume_episode: int | None = None):
-        self.path, self.columns = path, None
-        if resume_episode is not None and os.path.exists(path):
-            header, *rows = open(path).readlines()
-            self.columns = header.strip().split(",")
-            with open(path, "w") as f:
-                f.writelines([header, *(r for r in rows if int(r.split(",", 1)[0]) <= resume_episode)])
-
-    def write(self, row: dict):
-        with open(self.path, "a") as f:
-            if self.columns is None:
-                self.columns = list(row)
-                f.write(",".join(self.columns) + "\n")
-            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in self.columns))
-            f.write("\n")
+def write_row(path: str, row: dict):
+    """Append a row to a CSV file, with a header line first if the file is new; every row has the same columns."""
+    with open(path, "a") as f:
+        f.write(",".join(row) + "\n" if f.tell() == 0 else "")
+        f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
 
 
 class NonFiniteGuard:
@@ -165,20 +151,19 @@ class Run:
         self.modules, self.args, self.algorithm = modules, args, algorithm  # modules: networks and optimisers
         state = checkpoint or dict(episode=0, best=-math.inf, elapsed=0.0)
         self.episode, self.best = state["episode"], state["best"]  # best: the best evaluation's normalized_return
-        if checkpoint:
-            self.dir = os.path.dirname(os.path.abspath(args.checkpoint))
-        else:
-            self.dir = args.run_dir or os.path.join("runs", f"{args.scenario}__{args.n_agents}__{args.arch}__"
-                                                            f"{args.exp_name}__{args.seed}__{int(time.time())}")
-            os.makedirs(self.dir, exist_ok=bool(args.run_dir))
-            for name in ("train.csv", "eval.csv", FINISHED):  # a --run-dir used before starts afresh
-                if os.path.exists(os.path.join(self.dir, name)):
-                    os.remove(os.path.join(self.dir, name))
+        self.dir = os.path.dirname(os.path.abspath(args.checkpoint)) if checkpoint else args.run_dir or os.path.join(
+            "runs", f"{args.scenario}__{args.n_agents}__{args.arch}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        os.makedirs(self.dir, exist_ok=bool(checkpoint or args.run_dir))
+        for name in ("train.csv", "eval.csv"):  # resuming keeps the rows up to its episode; a new run starts afresh
+            path = os.path.join(self.dir, name)
+            rows = open(path).readlines() if checkpoint and os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(rows[:1] + [r for r in rows[1:] if int(r.split(",", 1)[0]) <= self.episode])
+        if os.path.exists(os.path.join(self.dir, FINISHED)):
+            os.remove(os.path.join(self.dir, FINISHED))
+        if not checkpoint:
             with open(os.path.join(self.dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"algorithm": algorithm} | provenance(script), f, indent=2)
-        resume = self.episode if checkpoint else None
-        self.train_log = CSVLog(os.path.join(self.dir, "train.csv"), resume)
-        self.eval_log = CSVLog(os.path.join(self.dir, "eval.csv"), resume)
         self.start, self.last_print, self.last_save = time.time() - state["elapsed"], 0.0, time.time()
         self.stop_signal, self.guard = None, NonFiniteGuard()
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -206,9 +191,10 @@ class Run:
 
     def log_train(self, episode: int, row: dict):
         """A train.csv row, last.pt every few minutes, and a progress line every 5 seconds (the first at once)."""
-        now, global_step = time.time(), episode * self.args.num_envs * self.args.num_steps
-        self.train_log.write(dict(episode=episode, global_step=global_step, time=now - self.start, **row,
-                                  skipped_updates=self.guard.skipped, sps=global_step / (now - self.start)))
+        now, steps = time.time(), episode * self.args.num_envs * self.args.num_steps
+        write_row(os.path.join(self.dir, "train.csv"), dict(episode=episode, global_step=steps, time=now - self.start,
+                                                            **row, skipped_updates=self.guard.skipped,
+                                                            sps=steps / (now - self.start)))
         self.guard.skipped = 0
         if now - self.last_save > CHECKPOINT_SECONDS:
             self.save("last.pt", episode)
@@ -220,8 +206,9 @@ class Run:
 
     def log_eval(self, episode: int, metrics: dict, frames=None):
         """An eval.csv row, a GIF with --capture-video, best.pt and last.pt."""
-        self.eval_log.write(dict(episode=episode, global_step=episode * self.args.num_envs * self.args.num_steps,
-                                 time=time.time() - self.start, **metrics))
+        global_step = episode * self.args.num_envs * self.args.num_steps
+        write_row(os.path.join(self.dir, "eval.csv"), dict(episode=episode, global_step=global_step,
+                                                           time=time.time() - self.start, **metrics))
         print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
         if frames:
             os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
@@ -233,11 +220,10 @@ class Run:
 
     def check_finite(self, episode: int):
         """End the run, with last.pt left as the last good one, after NonFiniteGuard.limit bad updates in a row."""
+        last = os.path.join(self.dir, "last.pt")
         if self.guard.in_row >= self.guard.limit:
-            last = os.path.join(self.dir, "last.pt")
-            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode "
-                     f"{episode}); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else
-                                        "no checkpoint had been written yet"))
+            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode {episode}"
+                     f"); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint yet"))
 
     def finish(self, episode: int):
         """last.pt, and the `finished` mark unless a signal stopped the run (which then exits with 128 + its number)."""

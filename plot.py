@@ -1,7 +1,6 @@
 # Learning curves in the layout of the SHAC++ paper's Fig. 4, and on stdout a Markdown table of the best normalized
 # return per scenario, agents and algorithm. Usage: python plot.py results/ [--x steps|time|episodes] [--out F]
 import csv
-import itertools
 import json
 import os
 import sys
@@ -11,7 +10,6 @@ from typing import Literal
 
 import matplotlib.pyplot as plt
 import tyro
-from matplotlib.lines import Line2D
 
 plt.switch_backend("Agg")  # files only, no display
 
@@ -51,41 +49,38 @@ def find_runs(paths) -> list[str]:
     return runs
 
 
-def column(args: dict) -> str:
-    """The table column (and the colour) of a run: its algorithm, or "authors" for the authors' SHAC++ code."""
-    return "authors" if args.get("implementation") == "authors" else args["algorithm"]
-
-
 def group(runs: list[str]) -> dict:
-    """Runs whose arguments differ only by seed (and IGNORED) form one group: key -> list of (args, eval.csv rows as
-    floats). A run with no evaluation yet is skipped; a partial last line (a run still writing) is left out."""
+    """Runs differing only in IGNORED arguments (seed, ...) form a group: (scenario, n_agents, column, arguments) ->
+    [(args, eval.csv rows)]. Runs without evaluations are skipped, a partial last line (still writing) left out."""
     groups = defaultdict(list)
     for run in runs:
         args, path = json.load(open(os.path.join(run, "args.json"))), os.path.join(run, "eval.csv")
         reader = csv.DictReader(open(path)) if os.path.exists(path) else []
         rows = [{k: float(v) for k, v in row.items()} for row in reader if None not in row.values()]
+        column = "authors" if args.get("implementation") == "authors" else args["algorithm"]  # table column and colour
         if not rows:
             print(f"skipping {run}: no evaluation yet", file=sys.stderr)
-        elif column(args) in SHOWN:
-            groups[tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in IGNORED))].append((args, rows))
+        elif column in SHOWN:
+            config = tuple(sorted((k, json.dumps(v)) for k, v in args.items() if k not in IGNORED))
+            groups[(args["scenario"], args["n_agents"], column, config)].append((args, rows))
     return groups
 
 
 def cells(groups: dict) -> dict:
-    """(scenario, n_agents, column) -> {key: tag} of its groups, in the paper's order. A tag tells the configurations
-    of one cell apart: their experiment names or, where those coincide, the arguments that differ, as name=value."""
-    out = defaultdict(list)
+    """(scenario, n_agents, column) -> {key: tag} of its groups, in the paper's order. A tag is the experiment name
+    and, where groups of one cell share it, the arguments they differ in as name=value."""
+    out = defaultdict(dict)
     for key, seeds in groups.items():
-        out[(seeds[0][0]["scenario"], seeds[0][0]["n_agents"], column(seeds[0][0]))].append(key)
-    for cell, keys in out.items():
-        names = {k: "/".join(sorted({a.get("exp_name") or a["algorithm"] for a, _ in groups[k]})) for k in keys}
-        for name in {v for v in names.values() if list(names.values()).count(v) > 1}:  # a name shared by groups
-            configs = {k: dict(k) for k in keys if names[k] == name}
-            differing = sorted({a for c in configs.values() for a in c if len({d.get(a) for d in configs.values()})
-                                > 1})
-            names |= {k: name + " " + ",".join(f"{a}={json.loads(c[a]) if a in c else 'unset'}" for a in differing)
-                      for k, c in configs.items()}  # unset: a run from before the argument existed
-        out[cell] = dict(sorted(names.items(), key=lambda kv: kv[1]))
+        out[key[:3]][key] = "/".join(sorted({a.get("exp_name") or a["algorithm"] for a, _ in seeds}))
+    for cell, names in out.items():
+        tags = {}
+        for key, name in names.items():
+            namesakes = [dict(k[3]) for k in names if names[k] == name]
+            differing = sorted({a for c in namesakes for a in c if len({d.get(a) for d in namesakes}) > 1})
+            # an argument a run lacks is "unset": the run is from before the argument existed
+            values = ",".join(f"{a}={json.loads(dict(key[3]).get(a, json.dumps('unset')))}" for a in differing)
+            tags[key] = f"{name} {values}" if values else name
+        out[cell] = dict(sorted(tags.items(), key=lambda kv: kv[1]))
     rank = {s: i for i, s in enumerate(SCENARIOS)}  # an unknown scenario: after the paper's, by name
     return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 4), *kv[0][:2], [*SHOWN].index(kv[0][2]))))
 
@@ -96,8 +91,8 @@ def best(seeds) -> float:
 
 
 def curve(seeds, x: str):
-    """Mean, min and max over seeds at each evaluated episode; a seed that early-stopped keeps its last return after,
-    one still going counts only where it got to. x: the mean over the seeds that evaluated there (time in minutes)."""
+    """Mean, min and max over seeds at each evaluated episode, x the seeds' mean there (time in minutes). A seed that
+    early-stopped keeps its last return from then on; one still going counts only as far as it got."""
     by_episode, stopped = defaultdict(list), []
     for args, rows in seeds:
         for row in rows:
@@ -127,48 +122,46 @@ def table(groups: dict) -> str:
     lines = ["| scenario | agents | " + " | ".join(SHOWN[c][0] for c in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for scenario, n in dict.fromkeys(cell[:2] for cell in by_cell):
-        texts = [by_cell.get((scenario, n, c), {}) for c in columns]
-        texts = ["; ".join((f"{tag}: " if len(names) > 1 else "") + entry(groups[k], c in REFERENCES)
-                           for k, tag in names.items()) or "–" for c, names in zip(columns, texts)]
+        configs = [by_cell.get((scenario, n, c), {}) for c in columns]
+        texts = ["; ".join((f"{tag}: " if len(names) > 1 else "") + entry(groups[key], c in REFERENCES)
+                           for key, tag in names.items()) or "–" for c, names in zip(columns, configs)]
         lines.append(f"| {scenario} | {n} | " + " | ".join(texts) + " |")
     return "\n".join(lines + ["", CAPTION])
 
 
 def plot(groups: dict, x: str, out: str):
-    """Scenarios down, agent counts across; per group a mean line with a light min-max band over seeds, its colour
-    the algorithm, its style the architecture; a dotted level per reference controller; one legend below."""
+    """Scenarios down, agent counts across; per group a mean line and a light min-max band over seeds (colour: the
+    algorithm, line style: the architecture); a dotted level per reference controller; one legend below."""
     by_cell = cells(groups)
     scenarios, counts = list(dict.fromkeys(c[0] for c in by_cell)), sorted({c[1] for c in by_cell})
     fig, axes = plt.subplots(len(scenarios), len(counts), figsize=(4.5 * len(counts), 3.2 * len(scenarios)),
                              squeeze=False)
-    used = set()  # algorithms, references and architectures drawn: the legend's entries
-    for ax, (scenario, n) in zip(axes.flat, itertools.product(scenarios, counts)):
-        here = [(c, names) for (s, m, c), names in by_cell.items() if (s, m) == (scenario, n)]
-        if not here:
-            ax.axis("off")  # no run: a blank panel
-            continue
-        for c, names in here:
-            label, colour = SHOWN[c]
-            for key, tag in names.items():
-                seeds, args = groups[key], groups[key][0][0]
-                used.update((c, args.get("arch")))
-                if c in REFERENCES:  # one evaluation, no curve: a dotted level across the panel
-                    ax.axhline(best(seeds), linestyle=":", linewidth=1.5, color=colour, label=label)
-                    continue
-                twins = [k for k in names if groups[k][0][0]["arch"] == args["arch"]]
-                xs, means, lows, highs = curve(seeds, x)
-                marker = MARKERS[twins.index(key) % len(MARKERS)] if len(twins) > 1 else "." if len(xs) < 2 else None
-                ax.plot(xs, means, STYLES.get(args["arch"], "-"), color=colour, linewidth=1.5, marker=marker,
-                        markersize=4, label=label + f" [{tag}]" * (len(twins) > 1))
-                ax.fill_between(xs, lows, highs, color=colour, alpha=0.12, linewidth=0)
-                if len(twins) > 1:  # which configuration: its name at its curve's end
-                    ax.text(xs[-1], means[-1], tag, ha="right", va="bottom", fontsize=6.5, color=colour)
-        ax.set(title=f"{scenario}, {n} agent{'s' * (n > 1)}", xlabel=XAXIS[x][1], ylabel="normalized return",
-               ylim=(min(ax.get_ylim()[0], -0.02), max(ax.get_ylim()[1], 1.05)))  # the solved level stays in view
+    for (scenario, n, c), names in by_cell.items():
+        ax, (label, colour) = axes[scenarios.index(scenario), counts.index(n)], SHOWN[c]
+        ax.set(title=f"{scenario}, {n} agent{'s' * (n > 1)}", xlabel=XAXIS[x][1], ylabel="normalized return")
+        for key, tag in names.items():
+            if c in REFERENCES:  # one evaluation, no curve: a dotted level across the panel
+                ax.axhline(best(groups[key]), linestyle=":", linewidth=1.5, color=colour, label=label)
+                continue
+            arch = groups[key][0][0]["arch"]
+            twins = [k for k in names if groups[k][0][0]["arch"] == arch]  # told apart by a marker and the tag
+            xs, means, lows, highs = curve(groups[key], x)
+            marker = MARKERS[twins.index(key) % len(MARKERS)] if len(twins) > 1 else "." if len(xs) < 2 else None
+            ax.plot(xs, means, STYLES.get(arch, "-"), color=colour, linewidth=1.5, marker=marker, markersize=4,
+                    label=label + f" [{tag}]" * (len(twins) > 1))
+            ax.fill_between(xs, lows, highs, color=colour, alpha=0.12, linewidth=0)
+            if len(twins) > 1:  # the tag at the curve's end
+                ax.text(xs[-1], means[-1], tag, ha="right", va="bottom", fontsize=6.5, color=colour)
+    for ax in axes.flat:
+        ax.set_ylim(min(ax.get_ylim()[0], -0.02), max(ax.get_ylim()[1], 1.05))  # the solved level stays in view
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colour, linestyle=":" if c in REFERENCES else "-", label=name + " (reference)"
-                      * (c in REFERENCES)) for c, (name, colour) in SHOWN.items() if c in used]
-    handles += [Line2D([], [], color="black", linestyle=STYLES[a], label=a) for a in STYLES if a in used]
+        if not ax.lines:
+            ax.axis("off")  # no run: a blank panel
+    drawn = {cell[2] for cell in by_cell} | {seeds[0][0].get("arch") for seeds in groups.values()}  # legend entries
+    handles = [plt.Line2D([], [], color=colour, label=name) for c, (name, colour) in ALGORITHMS.items() if c in drawn]
+    handles += [plt.Line2D([], [], color=colour, linestyle=":", label=f"{name} (reference)")
+                for c, (name, colour) in REFERENCES.items() if c in drawn]
+    handles += [plt.Line2D([], [], color="black", linestyle=STYLES[a], label=a) for a in STYLES if a in drawn]
     fig.tight_layout()
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=(len(handles) + 1) // 2,
                frameon=False)

@@ -245,9 +245,9 @@ class RewardModel(nn.Module):
 
 class BinnedCache:
     """Replay cache split into `bins` bins over the range of every key it has been given (paper section 3), so that
-    rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own. Each bin holds the
-    newest capacity // bins items whose key falls in it under the current range (bins are recomputed at every add);
-    batches are uniform over the stored items, so the binning decides what is kept. A non-finite key is refused."""
+    rare keys (a rewarding transition among thousands of zero-reward ones) keep a bin of their own: each bin holds the
+    newest capacity // bins items whose key falls in it under the current range, and batches are uniform over the
+    stored items. A non-finite key is refused."""
 
     def __init__(self, capacity: int, bins: int, device):
         self.bins, self.per_bin, self.device = bins, capacity // bins, device
@@ -255,8 +255,8 @@ class BinnedCache:
         self.data = {}  # name -> (capacity, ...) tensor, allocated by the first add
         self.key = torch.zeros(self.capacity, device=device)  # key of each slot
         self.stamp = torch.full((self.capacity,), -1, dtype=torch.long, device=device)  # arrival order, -1: empty
-        self.added = 0
-        self.low = self.high = torch.tensor(0.0, device=device)
+        self.added, self.low, self.high = 0, torch.tensor(math.inf), torch.tensor(-math.inf)  # the keys' range
+        self.low, self.high = self.low.to(device), self.high.to(device)
 
     def bin_of(self, key):  # every key lies in [low, high]; while all keys are equal, all share bin 0
         width = (self.high - self.low).clamp(min=1e-8)
@@ -265,18 +265,14 @@ class BinnedCache:
     def add(self, key, **items):
         if not bool(torch.isfinite(key).all()):
             raise ValueError("BinnedCache: refusing a non-finite key (a NaN or infinite reward or value target)")
-        m, first = key.shape[0], self.added == 0
-        self.low = key.min() if first else torch.minimum(self.low, key.min())
-        self.high = key.max() if first else torch.maximum(self.high, key.max())
-        # per bin, keep the newest per_bin of the stored and the new items (a newer item has a larger stamp)
-        stamp = torch.cat([self.stamp, self.added + torch.arange(m, device=self.device)])
-        b = torch.cat([self.bin_of(self.key), self.bin_of(key)]).masked_fill(stamp < 0, self.bins)  # empty: no bin
-        order = stamp.argsort(descending=True)
-        order = order[b[order].argsort(stable=True)]  # by bin, newest first within a bin
-        sorted_bins = b[order]
-        rank = torch.arange(len(order), device=self.device) - torch.searchsorted(sorted_bins, sorted_bins)
+        self.low, self.high = torch.minimum(self.low, key.min()), torch.maximum(self.high, key.max())
+        # per bin, keep the newest per_bin of the stored and the new items (bins recomputed under the new range)
+        stamp = torch.cat([self.stamp, self.added + torch.arange(len(key), device=self.device)])
+        b = self.bin_of(torch.cat([self.key, key])).masked_fill(stamp < 0, self.bins)  # an empty slot: no bin
+        order = stamp.argsort(descending=True)  # newest first
+        newer = nn.functional.one_hot(b[order], self.bins + 1).cumsum(0)  # per bin, the items at least as new
         keep = torch.zeros_like(b, dtype=torch.bool)
-        keep[order] = (rank < self.per_bin) & (sorted_bins < self.bins)
+        keep[order] = (newer.gather(1, b[order, None]).squeeze(1) <= self.per_bin) & (b[order] < self.bins)
         self.stamp[~keep[:self.capacity]] = -1  # evicted: the oldest of an overfull bin
         new = keep[self.capacity:]
         slots = (self.stamp < 0).nonzero().squeeze(1)[:int(new.sum())]  # there is always room: kept <= capacity
@@ -285,7 +281,7 @@ class BinnedCache:
                 self.data[name] = torch.zeros(self.capacity, *value.shape[1:], dtype=value.dtype, device=self.device)
             self.data[name][slots] = value[new]
         self.key[slots], self.stamp[slots] = key[new], stamp[self.capacity:][new]
-        self.added += m
+        self.added += len(key)
 
     def __len__(self):
         return int((self.stamp >= 0).sum())
@@ -361,8 +357,7 @@ if __name__ == "__main__":
             sys.exit(f"error: --{name}-cache must be at least --{name}-bins")
     shac_plus = args.dynamics == "simulator"  # SHAC+: VMAS's physics carry the gradient, only the reward is learned
     algorithm = "shac+" if shac_plus else ALGORITHM
-    if shac_plus and args.exp_name == ALGORITHM:
-        args.exp_name = algorithm
+    args.exp_name = algorithm if args.exp_name == ALGORITHM else args.exp_name
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seed_everything(args.seed)
     env = make_env(args.scenario, args.n_agents, args.num_envs, device, args.seed, grad_enabled=shac_plus)
@@ -400,7 +395,6 @@ if __name__ == "__main__":
     rew_buf = torch.zeros(T, N, n, device=device)
     term_buf = torch.zeros(T, N, dtype=torch.bool, device=device)  # terminated at step t
     alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)  # not terminated before step t
-    nan = torch.tensor(math.nan, device=device)
 
     for episode in range(run.episode + 1, args.episodes + 1):
         # ---- rollout in the non-differentiable simulator (Algorithm 1, line 6); the actions keep the policy's graph.
@@ -458,7 +452,7 @@ if __name__ == "__main__":
 
         # ---- cool-down: every K episodes each model trains on minibatches of its cache (Algorithm 1, lines 11-13)
         model_start = clock(device)
-        value_loss = reward_loss = world_loss = nan  # logged as nan when the models did not train
+        value_loss = reward_loss = world_loss = torch.tensor(math.nan, device=device)  # nan: did not train
         if episode % args.model_every == 0:
             for batch in minibatches(value_cache, args, run):  # L_V: V(s_t) against its TD(lambda) target
                 value_loss = ((value_model(batch["obs"]).squeeze(-1) - batch["targets"]) ** 2).mean()

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the project's root: shacpp.py and b
 import torch  # noqa: E402
 import tyro  # noqa: E402
 
-from bookkeeping import FINISHED, SIGNAL_EXIT, CSVLog, provenance  # noqa: E402
+from bookkeeping import FINISHED, SIGNAL_EXIT, provenance, write_row  # noqa: E402
 from scenarios import max_return  # noqa: E402
 
 REPOSITORY = "https://github.com/f14-bertolotti/shacpp"
@@ -253,8 +253,6 @@ class Recorder:
         self.args, self.folder = args, folder
         self.start, self.trainer_kwargs = None, None  # set when their trainer starts
         self.episode, self.evaluated = 0, 0  # the last episode trained, the last one evaluated
-        self.train_log = CSVLog(os.path.join(folder, "train.csv"))
-        self.eval_log = CSVLog(os.path.join(folder, "eval.csv"))
         self.rollout, self.eval_rollout = None, None
 
     def elapsed(self) -> float:
@@ -306,7 +304,8 @@ class Recorder:
             out = their_routine(*a, **kw)
             self.episode = kw["episode"]
             steps = self.episode * self.args.num_envs * self.args.num_steps
-            self.train_log.write(dict(episode=self.episode, global_step=steps, time=self.elapsed(), **self.rollout))
+            row = dict(episode=self.episode, global_step=steps, time=self.elapsed(), **self.rollout)
+            write_row(os.path.join(self.folder, "train.csv"), row)
             return out
         return hooked
 
@@ -328,8 +327,8 @@ class Recorder:
             metrics = dict(zip(("eval_return", "max_return", "normalized_return", "solved_fraction", "authors_return",
                                 "authors_max_return", "authors_solved_fraction"), values))
             steps = episode * self.args.num_envs * self.args.num_steps
-            self.eval_log.write(dict(episode=episode, global_step=steps, time=self.elapsed(), **metrics,
-                                     eval_time=time.time() - began))
+            row = dict(episode=episode, global_step=steps, time=self.elapsed(), **metrics, eval_time=time.time() - began)
+            write_row(os.path.join(self.folder, "eval.csv"), row)
             print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
             self.evaluated = episode
             return result

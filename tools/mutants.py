@@ -14,7 +14,7 @@ MUTANTS = [
     ("imagine bypasses the world model", "shacpp.py", "    if world_model is not None:\n        obs = torch.cat(", "    if False:\n        obs = torch.cat("),
     ("lambda dropped", "shacpp.py", "((1 - lam) * next_values[t] + lam * g)", "(g)"),
     ("binned cache with one bin", "shacpp.py", "        self.bins, self.per_bin, self.device = bins, capacity // bins, device", "        self.bins, self.per_bin, self.device = 1, capacity, device"),
-    ("binned cache range of the latest add only", "shacpp.py", "        self.low = key.min() if first else torch.minimum(self.low, key.min())", "        self.low = key.min()"),
+    ("binned cache range of the latest add only", "shacpp.py", "        self.low, self.high = torch.minimum(self.low, key.min()), torch.maximum(self.high, key.max())", "        self.low, self.high = key.min(), key.max()"),
     ("binned cache batches from a ninth of the stored items", "shacpp.py", "stored[torch.randint(len(stored), (batch_size,)", "stored[torch.randint(max(1, len(stored) // 9), (batch_size,)"),
     ("shacpp gradient clip dropped", "shacpp.py", "clip_grad_norm_(policy.parameters(), args.max_grad_norm)", "clip_grad_norm_(policy.parameters(), 1e9)"),
     ("policy dropout left on in an evaluation", "shacpp.py", "--capture-video)\n        metrics, frames = evaluate(policy.eval(),", "--capture-video)\n        metrics, frames = evaluate(policy,"),
