@@ -67,11 +67,9 @@ def parse_args(Args):
             saved = json.load(open(saved_path)) if os.path.isfile(saved_path) else {}
         except (OSError, ValueError):
             sys.exit(f"error: {saved_path} is not readable JSON")
-        given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
-        given |= {name[3:] for name in given if name.startswith("no_")}  # --no-world-residual
-        for name in (f.name for f in fields(args) if f.name in saved and f.name not in given | {"checkpoint"}):
-            setattr(args, name, saved[name])
-        for name in (n for n in Args.STRUCTURE if n in saved and n in given and getattr(args, n) != saved[n]):
+        names = {f.name for f in fields(Args)} - {"checkpoint"}
+        args = tyro.cli(Args, default=Args(**{k: v for k, v in saved.items() if k in names}, checkpoint=path))
+        for name in (n for n in Args.STRUCTURE if n in saved and getattr(args, n) != saved[n]):  # given, then
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
                      f"({saved[name]} in {saved_path}); leave the flag out")
         args.checkpoint = path
