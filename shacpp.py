@@ -297,6 +297,13 @@ class BinnedCache:
         self.added += m
 
     def __len__(self):
+        if os.environ.get("MB_CAP") == "1" and getattr(self, "strict", False):  # EXPERIMENT: count as strict quotas would
+            stored = self.stamp >= 0
+            counts = torch.bincount(self.bin_of(self.key[stored]), minlength=self.bins)
+            return int(counts.clamp(max=self.per_bin).sum())
+        return int((self.stamp >= 0).sum())
+
+    def stored(self):
         return int((self.stamp >= 0).sum())
 
     def sample(self, batch_size: int) -> dict:
@@ -349,7 +356,10 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
 
 def minibatches(cache: BinnedCache, args: Args, run: Run, epochs=None):
     """model_epochs passes' worth of minibatches drawn from the cache; a stop signal ends them early."""
-    for _ in range((epochs or args.model_epochs) * math.ceil(len(cache) / args.model_minibatch)):
+    cache.strict = True
+    count = (epochs or args.model_epochs) * math.ceil(len(cache) / args.model_minibatch)
+    cache.strict = False
+    for _ in range(count):
         if run.stop_signal:
             return
         yield cache.sample(args.model_minibatch)
