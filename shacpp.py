@@ -431,7 +431,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             values = value_model(obs_buf).squeeze(-1)  # V(s_0)..V(s_T)
             targets = lambda_returns(rew_buf, values[1:], term_buf[..., None], args.gamma, args.lam)
-            live, alive = alive_buf[0], alive_buf
+            live, alive = alive_buf[0], alive_buf  # live: not done at the rollout start; alive: at step t
             team_rewards = rew_buf.sum(-1) * alive  # (T, N)
             if not shac_plus:
                 world_cache.add(team_rewards.sum(0)[live], obs=obs_buf.transpose(0, 1)[live],
