@@ -69,7 +69,7 @@ def parse_args(Args):
             sys.exit(f"error: {saved_path} is not readable JSON")
         names = {f.name for f in fields(Args)} - {"checkpoint"}
         args = tyro.cli(Args, default=Args(**{k: v for k, v in saved.items() if k in names}, checkpoint=path))
-        for name in (n for n in Args.STRUCTURE if n in saved and getattr(args, n) != saved[n]):  # given, then
+        for name in (n for n in Args.STRUCTURE if n in saved and getattr(args, n) != saved[n]):  # a flag given
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} contradicts the checkpoint's run "
                      f"({saved[name]} in {saved_path}); leave the flag out")
         args.checkpoint = path
@@ -125,9 +125,11 @@ def provenance(script: str) -> dict:
 
 
 def write_row(path: str, row: dict):
-    """Append a row to a CSV file, with a header line first if the file is new; every row has the same columns."""
+    """Append a row to a CSV file, with a header line first if the file is new. Every row must have the header's
+    columns in its order (so a run is resumed by the script version that started it)."""
     with open(path, "a") as f:
-        f.write(",".join(row) + "\n" if f.tell() == 0 else "")
+        if f.tell() == 0:  # a new file
+            f.write(",".join(row) + "\n")
         f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
 
 
@@ -149,16 +151,18 @@ class Run:
         self.modules, self.args, self.algorithm = modules, args, algorithm  # modules: networks and optimisers
         state = checkpoint or dict(episode=0, best=-math.inf, elapsed=0.0)
         self.episode, self.best = state["episode"], state["best"]  # best: the best evaluation's normalized_return
-        self.dir = os.path.dirname(os.path.abspath(args.checkpoint)) if checkpoint else args.run_dir or os.path.join(
-            "runs", f"{args.scenario}__{args.n_agents}__{args.arch}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        new = f"runs/{args.scenario}__{args.n_agents}__{args.arch}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.dir = os.path.dirname(os.path.abspath(args.checkpoint)) if checkpoint else (args.run_dir or new)
         os.makedirs(self.dir, exist_ok=bool(checkpoint or args.run_dir))
-        for name in ("train.csv", "eval.csv"):  # resuming keeps the rows up to its episode; a new run starts afresh
+        for name in ("train.csv", "eval.csv", FINISHED):  # resuming keeps the rows up to its episode; else none
             path = os.path.join(self.dir, name)
-            rows = open(path).readlines() if checkpoint and os.path.exists(path) else []
-            with open(path, "w") as f:
-                f.writelines(rows[:1] + [r for r in rows[1:] if int(r.split(",", 1)[0]) <= self.episode])
-        if os.path.exists(os.path.join(self.dir, FINISHED)):
-            os.remove(os.path.join(self.dir, FINISHED))
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows = f.readlines() if checkpoint and name != FINISHED else []
+                os.remove(path)
+                if rows:
+                    with open(path, "w") as f:
+                        f.writelines(rows[:1] + [r for r in rows[1:] if int(r.split(",", 1)[0]) <= self.episode])
         if not checkpoint:
             with open(os.path.join(self.dir, "args.json"), "w") as f:
                 json.dump(asdict(args) | {"algorithm": algorithm} | provenance(script), f, indent=2)
@@ -218,10 +222,11 @@ class Run:
 
     def check_finite(self, episode: int):
         """End the run, with last.pt left as the last good one, after NonFiniteGuard.limit bad updates in a row."""
-        last = os.path.join(self.dir, "last.pt")
         if self.guard.in_row >= self.guard.limit:
-            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode {episode}"
-                     f"); " + (f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint yet"))
+            path = os.path.join(self.dir, "last.pt")
+            last = f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written yet"
+            sys.exit(f"error: {self.guard.in_row} updates in a row had a non-finite loss or gradient (episode "
+                     f"{episode}); {last}")
 
     def finish(self, episode: int):
         """last.pt, and the `finished` mark unless a signal stopped the run (which then exits with 128 + its number)."""

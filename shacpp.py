@@ -255,8 +255,8 @@ class BinnedCache:
         self.data = {}  # name -> (capacity, ...) tensor, allocated by the first add
         self.key = torch.zeros(self.capacity, device=device)  # key of each slot
         self.stamp = torch.full((self.capacity,), -1, dtype=torch.long, device=device)  # arrival order, -1: empty
-        self.added, self.low, self.high = 0, torch.tensor(math.inf), torch.tensor(-math.inf)  # the keys' range
-        self.low, self.high = self.low.to(device), self.high.to(device)
+        self.added = 0
+        self.low, self.high = torch.tensor(math.inf, device=device), torch.tensor(-math.inf, device=device)  # range
 
     def bin_of(self, key):  # every key lies in [low, high]; while all keys are equal, all share bin 0
         width = (self.high - self.low).clamp(min=1e-8)
@@ -269,10 +269,12 @@ class BinnedCache:
         # per bin, keep the newest per_bin of the stored and the new items (bins recomputed under the new range)
         stamp = torch.cat([self.stamp, self.added + torch.arange(len(key), device=self.device)])
         b = self.bin_of(torch.cat([self.key, key])).masked_fill(stamp < 0, self.bins)  # an empty slot: no bin
-        order = stamp.argsort(descending=True)  # newest first
-        newer = nn.functional.one_hot(b[order], self.bins + 1).cumsum(0)  # per bin, the items at least as new
+        order = stamp.argsort(descending=True)
+        order = order[b[order].argsort(stable=True)]  # by bin, newest first within a bin
+        sorted_bins = b[order]
+        rank = torch.arange(len(order), device=self.device) - torch.searchsorted(sorted_bins, sorted_bins)
         keep = torch.zeros_like(b, dtype=torch.bool)
-        keep[order] = (newer.gather(1, b[order, None]).squeeze(1) <= self.per_bin) & (b[order] < self.bins)
+        keep[order] = (rank < self.per_bin) & (sorted_bins < self.bins)  # rank: newer items of the same bin
         self.stamp[~keep[:self.capacity]] = -1  # evicted: the oldest of an overfull bin
         new = keep[self.capacity:]
         slots = (self.stamp < 0).nonzero().squeeze(1)[:int(new.sum())]  # there is always room: kept <= capacity

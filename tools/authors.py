@@ -327,7 +327,8 @@ class Recorder:
             metrics = dict(zip(("eval_return", "max_return", "normalized_return", "solved_fraction", "authors_return",
                                 "authors_max_return", "authors_solved_fraction"), values))
             steps = episode * self.args.num_envs * self.args.num_steps
-            row = dict(episode=episode, global_step=steps, time=self.elapsed(), **metrics, eval_time=time.time() - began)
+            row = dict(episode=episode, global_step=steps, time=self.elapsed(), **metrics)
+            row["eval_time"] = time.time() - began
             write_row(os.path.join(self.folder, "eval.csv"), row)
             print(f"eval episode {episode}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
             self.evaluated = episode
