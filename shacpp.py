@@ -373,8 +373,8 @@ if __name__ == "__main__":
     value_model = make_network(args.arch, n, obs_dim, 1, norm=True).to(device)  # V(s) per agent
     reward_model = RewardModel(args.arch, n, obs_dim).to(device)  # R per agent
     policy_opt = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
-    value_opt = torch.optim.Adam(value_model.parameters(), lr=args.learning_rate, fused=True)
-    reward_opt = torch.optim.Adam(reward_model.parameters(), lr=args.learning_rate, fused=True)
+    value_opt = torch.optim.Adam(value_model.parameters(), lr=float(os.environ.get('MODEL_LR', args.learning_rate)), fused=True)  # EXPERIMENT
+    reward_opt = torch.optim.Adam(reward_model.parameters(), lr=float(os.environ.get('MODEL_LR', args.learning_rate)), fused=True)  # EXPERIMENT
     reward_cache = BinnedCache(args.reward_cache, args.reward_bins, device)
     value_cache = BinnedCache(args.value_cache, args.value_bins, device)
     modules = dict(policy=policy, value_model=value_model, reward_model=reward_model,
@@ -382,7 +382,7 @@ if __name__ == "__main__":
     world_model = None  # SHAC+ has none
     if not shac_plus:
         world_model = WorldModel(n, obs_dim, T, residual=args.world_residual).to(device)  # F(s_0, a_0..a_{T-1})
-        world_opt = torch.optim.Adam(world_model.parameters(), lr=args.learning_rate, fused=True)
+        world_opt = torch.optim.Adam(world_model.parameters(), lr=float(os.environ.get('MODEL_LR', args.learning_rate)), fused=True)  # EXPERIMENT
         world_cache = BinnedCache(args.world_cache, args.world_bins, device)
         modules |= dict(world_model=world_model, world_opt=world_opt)
     checkpoint = load_checkpoint(args.checkpoint, args, modules, algorithm) if args.checkpoint else None
