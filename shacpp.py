@@ -397,6 +397,7 @@ if __name__ == "__main__":
     rew_buf = torch.zeros(T, N, n, device=device)
     term_buf = torch.zeros(T, N, dtype=torch.bool, device=device)  # terminated at step t
     alive_buf = torch.zeros(T, N, dtype=torch.bool, device=device)  # not terminated before step t
+    nan = torch.tensor(math.nan, device=device)  # a model's loss when it did not train this episode
 
     for episode in range(run.episode + 1, args.episodes + 1):
         # ---- rollout in the non-differentiable simulator (Algorithm 1, line 6); the actions keep the policy's graph.
@@ -454,7 +455,7 @@ if __name__ == "__main__":
 
         # ---- cool-down: every K episodes each model trains on minibatches of its cache (Algorithm 1, lines 11-13)
         model_start = clock(device)
-        value_loss = reward_loss = world_loss = torch.tensor(math.nan, device=device)  # nan: did not train
+        value_loss = reward_loss = world_loss = nan
         if episode % args.model_every == 0:
             for batch in minibatches(value_cache, args, run):  # L_V: V(s_t) against its TD(lambda) target
                 value_loss = ((value_model(batch["obs"]).squeeze(-1) - batch["targets"]) ** 2).mean()
