@@ -97,9 +97,10 @@ class Args:
     # the ablation, and departures from the paper (docs/shacpp.md says why each default is what it is)
     dynamics: Literal["model", "simulator"] = "model"
     """model: SHAC++; simulator: SHAC+, gradients through VMAS's differentiable physics, no world model"""
-    penalty: Literal["mean", "sample"] = "mean"
+    penalty: Literal["mean", "sample", "authors"] = "mean"
     """mean (not in the paper): on the policy mean, the models see clamped samples; sample: the paper's, on the
-    samples, seen unclamped"""
+    samples, seen unclamped; authors: as mean, but averaged over the components outside the bounds only (a near-hard
+    wall, as the authors' code)"""
     world_residual: bool = False
     """not in the paper: the world model predicts s_t - s_0 and adds s_0"""
     policy_dropout: float = 0.1
@@ -332,6 +333,9 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
     penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # over live steps
+    if args.penalty == "authors":  # each side averaged over its violating components only, every step
+        over, under = (penalized - 1.0).clamp(min=0), (-1.0 - penalized).clamp(min=0)
+        penalty = (over**2).sum() / (over > 0).sum().clamp(min=1) + (under**2).sum() / (under > 0).sum().clamp(min=1)
     loss = -window_return + args.alpha * penalty
     return loss, dict(window_return=window_return.detach(), penalty=penalty.detach())
 
