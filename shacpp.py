@@ -332,10 +332,11 @@ def policy_loss(rewards, last_value, penalized, alive, terminated, args: Args):
     live = alive[0].float()  # environments already done at the rollout start are left out
     denominator = live.sum().clamp(min=1) * n * T  # 1 / (N n T) over live environments
     window_return = (ret.sum(-1) * live).sum() / denominator
-    penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)  # over live steps
     if args.penalty == "authors":  # each side averaged over its violating components only, every step
         over, under = (penalized - 1.0).clamp(min=0), (-1.0 - penalized).clamp(min=0)
         penalty = (over**2).sum() / (over > 0).sum().clamp(min=1) + (under**2).sum() / (under > 0).sum().clamp(min=1)
+    else:  # averaged over every component of the live steps
+        penalty = (action_penalty(penalized) * alive[..., None, None]).sum() / (denominator * 2)
     loss = -window_return + args.alpha * penalty
     return loss, dict(window_return=window_return.detach(), penalty=penalty.detach())
 
