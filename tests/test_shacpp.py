@@ -181,18 +181,19 @@ def test_action_penalty():
 
 
 def test_authors_penalty_averages_over_the_violating_components_only():
-    """One mean component of 2 * 4 * 3 * 2 at 3 (2 over the bound), one at -1.5: --penalty mean averages the squared
-    distances over every component (and lets a terminated environment's steps go); --penalty authors averages each
-    side over its violating components only, whatever the batch size or termination."""
+    """Of 2 * 4 * 3 * 2 mean components, one at 3 (2 over the bound) and one at -1.5, the latter after environment 3
+    terminated: --penalty mean averages the squared distances over every component of the live steps (the latter left
+    out); --penalty authors averages each side over its violating components only, on every step, as the authors'."""
     T, N, n = 2, 4, 3
     means = torch.zeros(T, N, n, 2)
     means[0, 1, 2, 0], means[1, 3, 0, 1] = 3.0, -1.5
     alive, terminated = torch.ones(T, N, dtype=torch.bool), torch.zeros(T, N, dtype=torch.bool)
+    terminated[0, 3], alive[1, 3] = True, False
     losses = {}
     for penalty in ("mean", "authors"):
         args = shacpp.Args(penalty=penalty, alpha=1.0)
         losses[penalty] = shacpp.policy_loss(torch.zeros(T, N, n), torch.zeros(N, n), means, alive, terminated, args)
-    assert losses["mean"][1]["penalty"].item() == pytest.approx((4.0 + 0.25) / (T * N * n * 2))
+    assert losses["mean"][1]["penalty"].item() == pytest.approx(4.0 / (T * N * n * 2))
     assert losses["authors"][1]["penalty"].item() == pytest.approx(4.0 + 0.25)
     assert losses["authors"][0].item() == pytest.approx(4.25)  # the window return is 0: the loss is alpha * penalty
 
